@@ -1,0 +1,98 @@
+"""The interface every SAE variant implements; training and evaluation see only this.
+
+Shape suffixes: B batch, D input width, N latents, K kept latents per input.
+
+A variant maps raw inputs x_BD to a sparse code (values and indices of the kept latents) and back.
+The code is always returned as a pair (acts_BK, idx_BK): K is the training k for Top-k models, the
+largest per-input k in the batch for SoftSAE (shorter rows padded with zeros), and the largest
+number of firing latents in the batch for ReLU / BatchTopK. Zero entries are padding (not firing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class SAEConfig:
+    """Everything needed to rebuild a model's modules (JSON-able; stored in the checkpoint)."""
+
+    arch: str  # "topk" | "softk" | "batchtopk" | "relu"
+    d_in: int
+    n_latents: int
+    k: int  # training sparsity (topk/batchtopk/softk target); for relu the nominal k for comparisons
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # variant-specific hyperparameters
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        return cls(arch=d["arch"], d_in=int(d["d_in"]), n_latents=int(d["n_latents"]), k=int(d["k"]),
+                   extra=dict(d.get("extra", {})))
+
+
+class SAEOutput(NamedTuple):
+    x_hat_BD: torch.Tensor  # reconstruction
+    z_BN: torch.Tensor  # encoder output entering the sparsifier (before Top-k / ReLU gating)
+    acts_BK: torch.Tensor  # kept activation values, >= 0; zeros are padding
+    idx_BK: torch.Tensor  # int64 latent indices of acts_BK
+    k_B: torch.Tensor | None  # per-input k (SoftSAE); None where k is fixed
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: ``encode_pre`` -> ``sparsify`` -> ``decode``.
+
+    Subclasses set ``arch`` and implement ``encode_pre`` and ``sparsify``; they may add loss terms
+    in ``aux_losses`` and override ``fold_input_scale``.
+    """
+
+    arch: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    # --- the three steps -------------------------------------------------------------------
+    def encode_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """z_BN: the pre-sparsity encoder output (what the paper's regularizers act on)."""
+        raise NotImplementedError
+
+    def sparsify(self, z_BN: torch.Tensor, x_BD: torch.Tensor, k: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(acts_BK, idx_BK, k_B): keep the active latents of z. ``k`` overrides the training k."""
+        raise NotImplementedError
+
+    def decode(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+        """x_hat_BD = sum_k acts_BK[:, k] * W_dec[idx_BK[:, k]] + b_dec, gathering K decoder rows."""
+        raise NotImplementedError
+
+    # --- composed ----------------------------------------------------------------------------
+    def encode(self, x_BD: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z_BN = self.encode_pre(x_BD)
+        acts_BK, idx_BK, _ = self.sparsify(z_BN, x_BD, k)
+        return acts_BK, idx_BK
+
+    def forward(self, x_BD: torch.Tensor, k: int | None = None) -> SAEOutput:
+        z_BN = self.encode_pre(x_BD)
+        acts_BK, idx_BK, k_B = self.sparsify(z_BN, x_BD, k)
+        return SAEOutput(self.decode(acts_BK, idx_BK), z_BN, acts_BK, idx_BK, k_B)
+
+    def dense_code(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+        """The code as a dense B x N matrix (for evaluation; training never needs it)."""
+        out_BN = acts_BK.new_zeros(acts_BK.shape[0], self.cfg.n_latents)
+        return out_BN.scatter_(1, idx_BK, acts_BK)
+
+    # --- training hooks (defaults: nothing) --------------------------------------------------
+    def aux_losses(self, x_BD: torch.Tensor, out: SAEOutput, step: int, total_steps: int
+                   ) -> dict[str, torch.Tensor]:
+        """Variant-specific loss terms, already weighted (e.g. SoftSAE's k penalty, ReLU's l1)."""
+        return {}
+
+    def fold_input_scale(self, scale: float) -> None:
+        """Training saw x * scale; change parameters in place so the model maps raw x."""
+        raise NotImplementedError
