@@ -1,0 +1,174 @@
+"""Names, dtypes, checksums and fingerprints of the activation store (cache_layout.md, version 1).
+
+Everything here is a direct transcription of the spec, shared by the writer and the reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+FORMAT = "visionsae-activations"
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16")
+TOKENS = ("cls", "patches", "mean", "all")
+LAYER_KINDS = ("residual", "embedding", "stage")
+TOKEN_KINDS = ("cls", "mean", "patches", "all", "embedding", "spatial")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    name: str  # group name, e.g. "block_11"
+    source: str  # backbone module, e.g. "blocks.11"
+    kind: str  # residual | embedding | stage
+    d: int
+    tokens_per_image: int
+    token_kind: str
+
+    def attrs(self, dtype: str) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "kind": self.kind, "d": int(self.d),
+                "tokens_per_image": int(self.tokens_per_image), "token_kind": self.token_kind, "dtype": dtype}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSpec:
+    """What a writer needs to lay out a store; the root attributes derive from it."""
+
+    backbone: Mapping[str, Any]  # id, weights, fingerprint, preprocessing
+    dataset: Mapping[str, Any]  # id, root, split, n_images, classes
+    tokens: str
+    dtype: str
+    layers: tuple[LayerSpec, ...]
+    images_per_shard: int = 1024
+    extract: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    format: str = "zarr"  # zarr | hdf5
+    compressed: bool = False  # zarr archive mode (zstd); not memory-mappable
+
+    @property
+    def n_images(self) -> int:
+        return int(self.dataset["n_images"])
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_images // self.images_per_shard)
+
+    def root_attrs(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "backbone": dict(self.backbone), "dataset": dict(self.dataset),
+            "tokens": self.tokens, "dtype": self.dtype,
+            "images_per_shard": int(self.images_per_shard), "n_images": self.n_images,
+            "n_shards": self.n_shards, "layers": [layer.name for layer in self.layers],
+            "extract": dict(self.extract), "complete": False, "n_skipped": 0,
+        }
+
+    def validate(self) -> None:
+        from visionsae.errors import StoreError
+        if self.dtype not in DTYPES:
+            raise StoreError(f"unknown store dtype '{self.dtype}': choose one of {', '.join(DTYPES)}")
+        if self.format not in ("zarr", "hdf5"):
+            raise StoreError(f"unknown store format '{self.format}': choose zarr or hdf5")
+        if self.n_images <= 0:
+            raise StoreError("the dataset has no images: nothing to extract")
+        if self.images_per_shard <= 0:
+            raise StoreError("images_per_shard must be positive")
+        names = [layer.name for layer in self.layers]
+        if not names or len(set(names)) != len(names):
+            raise StoreError(f"layers must be a non-empty list of distinct names, got {names}")
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """numpy dtype of the stored bytes: bfloat16 is kept as its upper 16 bits in uint16."""
+    return np.dtype({"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}[dtype])
+
+
+def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values -> float32 (a copy)."""
+    if dtype == "bfloat16":
+        return (np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(arr, dtype=np.float32).copy() if np.asarray(arr).dtype == np.float32 else np.asarray(arr).astype(np.float32)
+
+
+def to_storage(x: Any, dtype: str) -> np.ndarray:
+    """A torch tensor or numpy array of floats -> C-contiguous array of the stored dtype."""
+    try:
+        import torch
+        if isinstance(x, torch.Tensor):
+            x = x.detach().to("cpu")
+            if dtype == "bfloat16":
+                # Round to nearest even exactly as torch does, then keep the raw bits.
+                return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+            return np.ascontiguousarray(x.to(torch.float32 if dtype == "float32" else torch.float16).numpy())
+    except ImportError:  # pragma: no cover - torch is a dependency, but the store works without it
+        pass
+    x = np.asarray(x)
+    if dtype == "bfloat16":
+        if x.dtype == np.uint16:
+            return np.ascontiguousarray(x)
+        import torch
+        return to_storage(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), dtype)
+    return np.ascontiguousarray(x, dtype=storage_dtype(dtype))
+
+
+def shard_record_name(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+def crc32_of(data: bytes | memoryview | np.ndarray) -> int:
+    if isinstance(data, np.ndarray):
+        data = memoryview(np.ascontiguousarray(data)).cast("B")
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def store_fingerprint(root: Mapping[str, Any], layers: list[Mapping[str, Any]]) -> str:
+    """Section 9: identity of the store's content, independent of its path."""
+    ident = {
+        "backbone": {"id": root["backbone"].get("id"), "fingerprint": root["backbone"].get("fingerprint")},
+        "dataset": {k: root["dataset"].get(k) for k in ("id", "split", "n_images")},
+        "tokens": root["tokens"], "dtype": root["dtype"],
+        "layers": [[la["name"], int(la["d"]), int(la["tokens_per_image"])] for la in layers],
+    }
+    return "sha256:" + hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+
+
+def weights_fingerprint(state_dict: Mapping[str, Any]) -> str:
+    """Section 7: sha256 over (key, dtype, shape, bytes) of every tensor, in key order."""
+    h = hashlib.sha256()
+    for key, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(key.encode())
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        # view as bytes so that dtypes numpy lacks (bfloat16) hash too
+        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write under a temporary name, fsync, rename: a crash leaves either nothing or the whole file."""
+    from visionsae.errors import StoreError
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == 28:  # ENOSPC
+            raise StoreError(f"the disk is full while writing {path}: free space, then rerun with --resume "
+                             "(shards already marked complete are kept)") from None
+        raise
