@@ -65,12 +65,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist: pass the ckpt.pt written by sae-train")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory: pass the ckpt.pt file inside it")
+    # sae-train always writes torch's zip format; random bytes or a cut-off file are not zip archives.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a torch zip file): "
+                              "pass a ckpt.pt written by sae-train")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain types and was not loaded "
-            f"(loading it could run code): {str(err).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, the unsafe way out: do not repeat it.
+        raise CheckpointError(f"{path} holds objects other than tensors and plain types and was not loaded "
+                              "(loading it could run code): use checkpoints written by sae-train") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file): "
                               f"{str(err).splitlines()[0][:200]}") from None

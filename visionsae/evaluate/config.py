@@ -1,0 +1,53 @@
+"""What one ``sae-eval`` run does: a dataclass that is also the CLI's flag set."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from visionsae.errors import UserError
+
+DEFAULT_OUT = "eval-report"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    checkpoints: list[str]
+    store: str | None = None  # None: the store each checkpoint records (meta["store"]["path"])
+    k_sweep: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # inference-time k' values
+    ms_embeddings: str | None = None  # a second store (another backbone, same images) for MS
+    ms_embeddings_layer: str | None = None  # its layer; None: the only one, else the 'embedding' layer
+    probe_budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    max_images: int | None = None  # cap on held-out images and on probe-training images
+    probe_train_images: int = 10_000  # probe-training images drawn from the non-held-out slots
+    device: str = "auto"  # auto | cuda | cpu
+    out: str = DEFAULT_OUT
+    batch_rows: int = 4096  # rows per forward pass (whole images)
+    top_images: int = 50  # top-activating images per latent, for purity and the HTML page
+    html_latents: int = 24  # latents shown per checkpoint in index.html
+    html_images: int = 8  # thumbnails per latent
+    thumb_size: int = 64  # pixels
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.checkpoints:
+            raise UserError("no checkpoint given: pass one or more ckpt.pt files written by sae-train")
+        for name, values in (("--k-sweep", self.k_sweep), ("--probe-budgets", self.probe_budgets)):
+            if any(int(v) < 1 for v in values):
+                raise UserError(f"{name} values must be positive integers, got {','.join(map(str, values))}")
+        if self.max_images is not None and self.max_images < 1:
+            raise UserError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"--device must be auto, cuda or cpu, got '{self.device}'")
+        for name in ("batch_rows", "top_images", "probe_train_images", "thumb_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'4,8,16' -> (4, 8, 16); an empty string -> () (e.g. no k-sweep)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers such as 4,8,16, got '{text}'") from None
+    return tuple(sorted(set(values)))

@@ -1,0 +1,109 @@
+"""Small-budget linear probing: classify images from only their m largest latents.
+
+Each image keeps the m largest entries of its (per-image pooled) code; a multinomial logistic
+regression is fit on training-split images and scored on the held-out ones. The same probe on the
+raw image-level activations is the reference line.
+
+Shape suffixes: I images, M kept latents per image (the largest budget), N latents, D width.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MaxAbsScaler, StandardScaler
+
+from visionsae.evaluate.codes import ImageCodes, top_per_group
+
+# lbfgs iterations: enough for the probes here to converge; a probe that still has not is reported.
+MAX_ITER = 1000
+
+
+class TopCodes:
+    """Per image, the values and indices of its ``m`` largest latents, collected batch by batch.
+
+    Images with fewer than m firing latents are padded with value 0 and index -1.
+    """
+
+    def __init__(self, m: int):
+        self.m = m
+        self.vals: list[np.ndarray] = []
+        self.idx: list[np.ndarray] = []
+
+    @torch.no_grad()
+    def update(self, codes: ImageCodes) -> None:
+        """From per-image (pooled) codes."""
+        vals_IM, idx_IM = top_per_group(codes.img_P, codes.val_P, codes.lat_P, codes.n_images, self.m)
+        self._add(vals_IM, idx_IM)
+
+    @torch.no_grad()
+    def update_rows(self, acts_IK: torch.Tensor, idx_IK: torch.Tensor) -> None:
+        """From an SAE's kept code with one row per image (cheaper: a top-m over K, not a sort)."""
+        m = min(self.m, acts_IK.shape[1])
+        vals_IM, pos_IM = acts_IK.topk(m, dim=1)
+        idx_IM = torch.where(vals_IM > 0, idx_IK.gather(1, pos_IM), -1)
+        vals_IM = vals_IM.clamp_min(0)
+        if m < self.m:
+            vals_IM = torch.nn.functional.pad(vals_IM, (0, self.m - m))
+            idx_IM = torch.nn.functional.pad(idx_IM, (0, self.m - m), value=-1)
+        self._add(vals_IM, idx_IM)
+
+    def _add(self, vals_IM: torch.Tensor, idx_IM: torch.Tensor) -> None:
+        self.vals.append(vals_IM.to("cpu", torch.float32).numpy())
+        self.idx.append(idx_IM.cpu().numpy())
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.vals), np.concatenate(self.idx)
+
+
+def budget_matrix(vals_IM: np.ndarray, idx_IM: np.ndarray, m: int, n_latents: int) -> sp.csr_matrix:
+    """Sparse [I, N] features keeping each image's m largest latents (zeros dropped)."""
+    n_img = vals_IM.shape[0]
+    vals, idx = vals_IM[:, :m], idx_IM[:, :m]
+    rows = np.repeat(np.arange(n_img), vals.shape[1]).reshape(vals.shape)
+    use = vals != 0  # zeros are padding (an image with fewer than m firing latents)
+    return sp.csr_matrix((vals[use].astype(np.float64), (rows[use], idx[use])), shape=(n_img, n_latents))
+
+
+def fit_score(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray, seed: int) -> dict:
+    """Accuracy of a logistic-regression probe; sparse inputs are scaled by max-abs, dense by z-score."""
+    scaler = MaxAbsScaler() if sp.issparse(x_train) else StandardScaler()
+    probe = make_pipeline(scaler, LogisticRegression(max_iter=MAX_ITER, random_state=seed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        probe.fit(x_train, y_train)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return {"accuracy": float(probe.score(x_test, y_test)), "converged": converged}
+
+
+def check_labels(y_train: np.ndarray, y_test: np.ndarray) -> str | None:
+    """Why probing is impossible on these labels, or None when it can run."""
+    if len(y_test) == 0:
+        return "no labelled held-out images"
+    if len(np.unique(y_train)) < 2:
+        return f"the probe-training images have {len(np.unique(y_train))} class(es); at least 2 are needed"
+    return None
+
+
+def run_probes(train_codes: tuple[np.ndarray, np.ndarray], y_train: np.ndarray,
+               test_codes: tuple[np.ndarray, np.ndarray], y_test: np.ndarray,
+               budgets: list[int], n_latents: int, seed: int) -> dict[int, dict]:
+    """{m: {"accuracy", "converged"}} for each budget m."""
+    out = {}
+    for m in budgets:
+        x_train = budget_matrix(*train_codes, m, n_latents)
+        x_test = budget_matrix(*test_codes, m, n_latents)
+        out[m] = fit_score(x_train, y_train, x_test, y_test, seed)
+    return out
+
+
+def chance_accuracy(y_train: np.ndarray, y_test: np.ndarray) -> float:
+    """Accuracy of always answering the training set's most frequent class."""
+    values, counts = np.unique(y_train, return_counts=True)
+    return float((y_test == values[counts.argmax()]).mean())

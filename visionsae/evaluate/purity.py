@@ -1,0 +1,98 @@
+"""Class purity of latents, and the running top-activating images it is measured on.
+
+Purity of a latent: among the images where it fires, the share that belong to its most frequent
+class. Two versions are reported: over its top-M activating images (M = ``top_m``, only images
+where it actually fires, only labelled images) and over every labelled image where it fires.
+
+Shape suffixes: I images in a batch, L latents, M kept top images per latent, C classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from visionsae.evaluate.codes import ImageCodes, top_per_group
+
+
+class TopImages:
+    """The M largest per-image activations of every latent, with the slots they came from."""
+
+    def __init__(self, n_latents: int, top_m: int, device: torch.device | str = "cpu"):
+        self.top_m = top_m
+        self.vals_LM = torch.zeros((n_latents, top_m), dtype=torch.float32, device=device)
+        self.slots_LM = torch.full((n_latents, top_m), -1, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, codes: ImageCodes, slots_I: torch.Tensor) -> None:
+        n_lat = self.vals_LM.shape[0]
+        lat_P, val_P = codes.lat_P, codes.val_P.to(torch.float32)
+        # Only entries above a latent's current M-th value can enter its list: after the first
+        # batches few candidates are left, and only their latents' lists are merged.
+        new_P = val_P > self.vals_LM[lat_P, -1]
+        if not bool(new_P.any()):
+            return
+        cand_lat_P, cand_val_P = lat_P[new_P], val_P[new_P]
+        cand_slot_P = slots_I.to(lat_P.device)[codes.img_P[new_P]]
+        # the latents with candidates (A of them), and each candidate's latent among those, without a sort
+        hit_L = torch.bincount(cand_lat_P, minlength=n_lat) > 0
+        hit_A = hit_L.nonzero().squeeze(1)
+        cand_pos_P = (torch.cumsum(hit_L, 0) - 1)[cand_lat_P]
+        new_vals_AM, new_slots_AM = top_per_group(cand_pos_P, cand_val_P, cand_slot_P, hit_A.shape[0], self.top_m)
+        vals_AX = torch.cat([self.vals_LM[hit_A], new_vals_AM], dim=1)
+        slots_AX = torch.cat([self.slots_LM[hit_A], new_slots_AM], dim=1)
+        top_AM, pos_AM = vals_AX.topk(self.top_m, dim=1)
+        self.vals_LM[hit_A] = top_AM
+        self.slots_LM[hit_A] = slots_AX.gather(1, pos_AM)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values [L, M], slots [L, M]) in decreasing activation; value 0 / slot -1: no further firing image."""
+        return self.vals_LM.cpu().numpy(), self.slots_LM.cpu().numpy()
+
+
+class ClassCounts:
+    """Per latent, how many labelled images of each class it fires on."""
+
+    def __init__(self, n_latents: int, n_classes: int, device: torch.device | str = "cpu"):
+        self.n_classes = n_classes
+        self.counts_LC = torch.zeros((n_latents, n_classes), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, codes: ImageCodes, labels_I: torch.Tensor) -> None:
+        lab_P = labels_I.to(codes.lat_P.device)[codes.img_P]
+        use_P = (lab_P >= 0) & (codes.val_P > 0)
+        flat_P = codes.lat_P[use_P] * self.n_classes + lab_P[use_P]
+        self.counts_LC.view(-1).index_add_(0, flat_P, torch.ones_like(flat_P))
+
+    def result(self) -> np.ndarray:
+        return self.counts_LC.cpu().numpy()
+
+
+def purity_from_counts(counts_LC: np.ndarray) -> np.ndarray:
+    """max_c count / sum_c count per latent; NaN where the latent fires on no labelled image."""
+    counts_LC = np.asarray(counts_LC, dtype=np.float64)
+    total_L = counts_LC.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total_L > 0, counts_LC.max(1) / total_L, np.nan)
+
+
+def purity_top(vals_LM: np.ndarray, labels_LM: np.ndarray, n_classes: int) -> np.ndarray:
+    """Purity over each latent's top images (entries with value <= 0 or label < 0 are left out)."""
+    use_LM = (vals_LM > 0) & (labels_LM >= 0)
+    counts_LC = np.zeros((vals_LM.shape[0], n_classes), dtype=np.int64)
+    rows_LM = np.broadcast_to(np.arange(vals_LM.shape[0])[:, None], vals_LM.shape)
+    np.add.at(counts_LC, (rows_LM[use_LM], labels_LM[use_LM]), 1)
+    return purity_from_counts(counts_LC)
+
+
+def top_class(counts_LC: np.ndarray) -> np.ndarray:
+    """Each latent's most frequent class over its firing images (-1 where it fires on none)."""
+    return np.where(np.asarray(counts_LC).sum(1) > 0, np.asarray(counts_LC).argmax(1), -1)
+
+
+def summarize(purity_L: np.ndarray, live_L: np.ndarray) -> dict:
+    """Mean and median purity over live latents where it is defined."""
+    vals = purity_L[live_L & ~np.isnan(purity_L)]
+    return {"mean": float(vals.mean()) if len(vals) else float("nan"),
+            "median": float(np.median(vals)) if len(vals) else float("nan"),
+            "n_latents": int(len(vals))}

@@ -1,0 +1,146 @@
+"""The report directory: report.json (every number), report.md (the table), PNG plots, index.html.
+
+report.json is strict JSON: a figure that is undefined (e.g. MS of a latent that fires on one
+image) is written as null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from visionsae.evaluate import html, plots
+
+REPORT_FORMAT = "visionsae-eval-report"
+REPORT_VERSION = 1
+
+
+def write_report(result, out: Path) -> dict[str, Path]:
+    """Write every report file under ``out`` (created if needed); returns {kind: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "report.json", "md": out / "report.md"}
+    doc = report_dict(result)
+    files["json"].write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+    figures = plots.write_plots(result, out)
+    files.update(figures)
+    files["md"].write_text(markdown(doc, {k: p.name for k, p in figures.items()}))
+    files["html"] = html.write_html(result, out, {k: p.name for k, p in figures.items()})
+    return files
+
+
+def report_dict(result) -> dict[str, Any]:
+    settings = dataclasses.asdict(result.config)
+    settings.pop("progress", None)
+    try:
+        pkg_version = version("visionsae")
+    except PackageNotFoundError:
+        pkg_version = None
+    return {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, "visionsae_version": pkg_version,
+            "settings": settings, "groups": [g.summary for g in result.groups],
+            "checkpoints": [dict(c.summary, group=c.group) for c in result.checkpoints]}
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-able copy: NaN / inf -> null, numpy and torch values -> Python, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return _clean(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def _fmt(x: Any, digits: int) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def summary_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table: one row per checkpoint."""
+    cks = doc["checkpoints"]
+    budgets = sorted({int(m) for c in cks for m in c["probes"].get("budgets", {})})
+    sweep = sorted({int(k) for c in cks for k in c["k_sweep"]})
+    header = (["checkpoint", "arch", "k", "latents", "FVU", "L0", "dead %", "MS mean", "MS median",
+               "purity@top", "purity@all"] + [f"probe m={m}" for m in budgets] + ["probe raw"]
+              + [f"FVU k'={k}" for k in sweep])
+    rows = []
+    for c in cks:
+        rec, sp, pr, pu = c["reconstruction"], c["sparsity"], c["probes"], c["purity"]
+        row = [c["name"], c["config"]["arch"], str(c["config"]["k"]), str(c["config"]["n_latents"]),
+               _fmt(rec["fvu"], 4), _fmt(sp["l0"], 1), _fmt(100 * sp["dead_fraction"], 1),
+               _fmt(c["monosemanticity"]["mean"], 3), _fmt(c["monosemanticity"]["median"], 3),
+               _fmt(pu.get("top", {}).get("mean"), 3), _fmt(pu.get("all", {}).get("mean"), 3)]
+        row += [_fmt(pr.get("budgets", {}).get(str(m), {}).get("accuracy"), 3) for m in budgets]
+        row += [_fmt(pr.get("raw", {}).get("accuracy"), 3)]
+        row += [_fmt(c["k_sweep"].get(str(k), {}).get("fvu"), 4) for k in sweep]
+        rows.append(row)
+    return header, rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(doc: dict, figures: dict[str, str]) -> str:
+    header, rows = summary_rows(doc)
+    parts = ["# SAE evaluation", "", _table(header, rows), ""]
+    parts += ["FVU: fraction of variance unexplained on held-out images (lower is better). L0: mean number of "
+              "firing latents per row. dead: latents that never fire on the held-out rows. MS: Monosemanticity "
+              "Score (Pach et al. 2025) over live latents. purity: share of a latent's firing images in its most "
+              "frequent class, over its top images / over all images where it fires, mean over live latents. "
+              "probe m: held-out accuracy of a logistic-regression probe on each image's m largest latents; raw: "
+              "the same probe on the raw image-level activations. FVU k': FVU when the model keeps k' latents.", ""]
+    parts += ["## Data", ""]
+    for g in doc["groups"]:
+        ds = g["store"]["dataset"]
+        parts.append(f"- store `{g['store']['path']}` ({g['store']['backbone'].get('id')}, {ds.get('id')}/"
+                     f"{ds.get('split')}), layer `{g['layer']['name']}` (d = {g['layer']['d']}, "
+                     f"{g['layer']['tokens_per_image']} token(s) per image): {g['held_out_images']} held-out images "
+                     f"({g['held_out_rows']} rows; the valid images held out by every checkpoint of this layer), "
+                     f"{g['probe_train_images']} probe-training images; MS embeddings: "
+                     f"{g['ms_embeddings']}" + (f"; {g['pooling']}" if g["pooling"] else ""))
+    parts += ["", "## Details", ""]
+    detail_header = ["checkpoint", "MS baseline", "MSE", "EV", "NMSE", "cosine", "l2 ratio", "rel. bias", "dense",
+                     "l1/l2 of z+",
+                     "latents for 90% of z+", "latents for 90% of code", "per-input k (mean, q05-q95)"]
+    detail_rows = []
+    for c in doc["checkpoints"]:
+        rec, sp = c["reconstruction"], c["sparsity"]
+        kd = sp.get("k_distribution")
+        detail_rows.append([c["name"], _fmt(c["monosemanticity"]["baseline_mean_cosine"], 3), f"{rec['mse']:.4g}",
+                            _fmt(rec["explained_variance"], 4), _fmt(rec["nmse"], 4),
+                            _fmt(rec["cosine"], 4), _fmt(rec["l2_ratio"], 4), _fmt(rec["rel_bias"], 4),
+                            str(sp["dense"]), _fmt(sp["l1_l2_ratio"], 2), _fmt(sp["latents_for_mass"], 1),
+                            _fmt(sp["kept_latents_for_mass"], 1),
+                            f"{kd['mean']:.2f} ({kd['q05']:.1f}-{kd['q95']:.1f})" if kd else "fixed"])
+    parts += [_table(detail_header, detail_rows), ""]
+    parts += ["MS baseline: the mean cosine between the held-out images' embeddings, i.e. the MS of a latent that "
+              "fires equally on every image; MS above it measures selectivity. "
+              "z+ is the positive part of the pre-sparsity encoder output z (only positive values can enter a "
+              "Top-k/ReLU code); l1/l2 is its mean ||z+||_1 / ||z+||_2 per row.", ""]
+    notes = [f"- {c['name']}: {c['k_sweep_note']}" for c in doc["checkpoints"] if c.get("k_sweep_note")]
+    notes += [f"- {c['name']}: probes skipped ({c['probes']['skipped']})" for c in doc["checkpoints"]
+              if "skipped" in c["probes"]]
+    notes += [f"- {c['name']}: purity skipped ({c['purity']['skipped']})" for c in doc["checkpoints"]
+              if "skipped" in c["purity"]]
+    notes += [f"- {c['name']}: a probe at budget {m} did not converge in the iteration limit"
+              for c in doc["checkpoints"] for m, v in c["probes"].get("budgets", {}).items() if not v["converged"]]
+    if notes:
+        parts += ["## Notes", ""] + notes + [""]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{k}]({name})" for k, name in figures.items()] + [""]
+    parts += ["Latents with their top-activating images: [index.html](index.html). Every number: report.json.", ""]
+    return "\n".join(parts)
+

@@ -1,0 +1,195 @@
+"""One evaluation: every checkpoint of a store layer measured on one pass over its held-out images.
+
+``evaluate(cfg)`` computes and returns the results; ``run(cfg)`` also writes the report directory.
+Per group of checkpoints (same store and layer) the data is read twice at most: the held-out
+images once (all metrics, for all checkpoints), then the probe-training images once (their codes,
+only when the store has labels and probe budgets were asked for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from visionsae.errors import UserError
+from visionsae.evaluate import probes
+from visionsae.evaluate.config import EvalConfig
+from visionsae.evaluate.embeddings import OtherEmbeddings, image_vectors
+from visionsae.evaluate.inputs import (Group, eval_slots, group_checkpoints, load_checkpoints, probe_train_slots,
+                                       resolve_device)
+from visionsae.evaluate.model_eval import LatentTables, ModelEval
+from visionsae.store import Store
+
+
+@dataclasses.dataclass
+class CheckpointResult:
+    name: str
+    path: str
+    summary: dict  # JSON-able: config, metrics, per-latent lists
+    tables: LatentTables
+    group: int  # index into EvalResult.groups
+
+
+@dataclasses.dataclass
+class GroupInfo:
+    store: Store
+    layer: str
+    summary: dict  # JSON-able description of the data evaluated on
+
+
+@dataclasses.dataclass
+class EvalResult:
+    config: EvalConfig
+    groups: list[GroupInfo]
+    checkpoints: list[CheckpointResult]
+
+
+def run(cfg: EvalConfig) -> EvalResult:
+    """Evaluate, then write report.json, report.md, the plots and index.html under ``cfg.out``."""
+    from visionsae.evaluate.report import write_report
+    result = evaluate(cfg)
+    write_report(result, Path(cfg.out))
+    return result
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    checkpoints = load_checkpoints(cfg.checkpoints, device)
+    groups = group_checkpoints(checkpoints, cfg.store)
+    infos, results = [], []
+    for g, group in enumerate(groups):
+        info, res = _evaluate_group(group, g, cfg, device)
+        infos.append(info)
+        results.extend(res)
+    order = {str(Path(p)): i for i, p in enumerate(cfg.checkpoints)}
+    results.sort(key=lambda r: order.get(r.path, len(order)))
+    return EvalResult(cfg, infos, results)
+
+
+@dataclasses.dataclass
+class _Images:
+    """Which images a group is evaluated on."""
+
+    held_out: np.ndarray  # store slots, sorted
+    other: OtherEmbeddings | None  # --ms-embeddings
+    other_slots: np.ndarray | None  # the held-out images' slots in that store
+    n_no_embedding: int
+    probe_train: np.ndarray  # store slots, sorted
+    probe_skip: str | None  # why there are no probes, or None
+
+
+def _select_images(group: Group, cfg: EvalConfig) -> _Images:
+    store = group.store
+    slots = eval_slots(group, cfg.max_images, cfg.seed)
+    other, other_slots, n_no_embedding = None, None, 0
+    if cfg.ms_embeddings:
+        other = OtherEmbeddings(cfg.ms_embeddings, cfg.ms_embeddings_layer, store)
+        other_slots = other.slots_for(store.image_index[slots])
+        keep = other_slots >= 0
+        n_no_embedding = int((~keep).sum())
+        slots, other_slots = slots[keep], other_slots[keep]
+        if slots.size == 0:
+            raise UserError(f"none of the held-out images has a valid row in --ms-embeddings {cfg.ms_embeddings}: "
+                            "extract the same images with the other backbone")
+    cap = min(cfg.probe_train_images, cfg.max_images or cfg.probe_train_images)
+    train = probe_train_slots(group, slots, cap, cfg.seed)
+    y_eval = store.labels[slots]
+    skip = ("no --probe-budgets given" if not cfg.probe_budgets
+            else probes.check_labels(store.labels[train], y_eval[y_eval >= 0]))
+    return _Images(slots, other, other_slots, n_no_embedding, train, skip)
+
+
+def _batches(n: int, size: int, desc: str, show: bool) -> Iterator[slice]:
+    for pos in tqdm(range(0, n, size), desc=desc, unit="batch", disable=not show):
+        yield slice(pos, pos + size)
+
+
+def _n_classes(store: Store) -> int:
+    labelled = store.labels[store.labels >= 0]
+    return max(len(store.classes), int(labelled.max()) + 1 if labelled.size else 0)
+
+
+def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.device
+                    ) -> tuple[GroupInfo, list[CheckpointResult]]:
+    store, info = group.store, group.store.layer(group.layer)
+    T = info.tokens_per_image
+    im = _select_images(group, cfg)
+    budgets = sorted(cfg.probe_budgets)
+    evals = [ModelEval(ck, info, im.other.d if im.other else info.d, _n_classes(store), tuple(cfg.k_sweep),
+                       max(budgets, default=1), cfg.top_images, device) for ck in group.checkpoints]
+    per_batch = max(1, cfg.batch_rows // T)
+    name = f"{Path(store.path).name}/{group.layer}"
+    raw_eval, raw_train = [], []  # image-level raw activations, for the reference probe
+
+    # One pass over the held-out images serves every checkpoint and every metric.
+    for part in _batches(len(im.held_out), per_batch, f"{name} held-out", cfg.progress):
+        batch = im.held_out[part]
+        x_RD = torch.from_numpy(store.read_slots(group.layer, batch)).to(device)
+        img_ID = image_vectors(x_RD, T, info.token_kind)
+        e_IE = torch.from_numpy(im.other.vectors(im.other_slots[part])).to(device) if im.other else img_ID
+        if im.probe_skip is None:
+            raw_eval.append(img_ID.cpu().numpy())
+        slots_I, labels_I = torch.from_numpy(batch).to(device), torch.from_numpy(store.labels[batch]).to(device)
+        for ev in evals:
+            ev.update_eval(x_RD, e_IE, slots_I, labels_I)
+
+    if im.probe_skip is None:
+        for part in _batches(len(im.probe_train), per_batch, f"{name} probe-train", cfg.progress):
+            x_RD = torch.from_numpy(store.read_slots(group.layer, im.probe_train[part])).to(device)
+            raw_train.append(image_vectors(x_RD, T, info.token_kind).cpu().numpy())
+            for ev in evals:
+                ev.update_train(x_RD)
+
+    y_eval, y_train = store.labels[im.held_out], store.labels[im.probe_train]
+    test = y_eval >= 0
+    if im.probe_skip is None:
+        raw = probes.fit_score(np.concatenate(raw_train), y_train, np.concatenate(raw_eval)[test], y_eval[test],
+                               cfg.seed)
+        chance = probes.chance_accuracy(y_train, y_eval[test])
+    results = []
+    for ev in evals:
+        summary, tables = ev.finish(store.labels)
+        if im.probe_skip is None:
+            vals, idx = ev.codes_eval.result()
+            accs = probes.run_probes(ev.codes_train.result(), y_train, (vals[test], idx[test]), y_eval[test],
+                                     budgets, ev.n_latents, cfg.seed)
+            summary["probes"] = {"budgets": {str(m): v for m, v in accs.items()}, "raw": raw, "chance": chance,
+                                 "n_train": int(im.probe_train.size), "n_test": int(test.sum())}
+        else:
+            summary["probes"] = {"skipped": im.probe_skip}
+        ck = ev.ck
+        summary = {"name": ck.name, "path": str(ck.path), "config": ck.config, "train": ck.meta.get("train"),
+                   "step": ck.meta.get("step"), "train_metrics": ck.meta.get("metrics"), "layer": group.layer,
+                   **summary, "latents": _latent_lists(tables)}
+        results.append(CheckpointResult(ck.name, str(ck.path), summary, tables, index))
+    return GroupInfo(store, group.layer, _group_summary(group, im)), results
+
+
+def _group_summary(group: Group, im: _Images) -> dict:
+    store, info = group.store, group.store.layer(group.layer)
+    T = info.tokens_per_image
+    return {
+        "store": {"path": str(store.path), "fingerprint": store.fingerprint, "format": store.format,
+                  "backbone": store.backbone, "dataset": {k: v for k, v in store.dataset.items() if k != "classes"},
+                  "n_classes": _n_classes(store)},
+        "layer": {"name": info.name, "kind": info.kind, "d": info.d, "tokens_per_image": T,
+                  "token_kind": info.token_kind, "dtype": info.dtype},
+        "held_out_images": int(im.held_out.size), "held_out_rows": int(im.held_out.size * T),
+        "probe_train_images": int(im.probe_train.size) if im.probe_skip is None else 0,
+        "ms_embeddings": im.other.label if im.other else f"the evaluated layer's image-level vectors ({info.name})",
+        "images_without_embedding": im.n_no_embedding,
+        "pooling": "per-image activation of a latent = its maximum over the image's tokens" if T > 1 else None,
+        "checkpoints": [str(ck.path) for ck in group.checkpoints],
+    }
+
+
+def _latent_lists(t: LatentTables) -> dict:
+    return {"firing_rate": t.firing_rate_N.tolist(), "image_rate": t.image_rate_N.tolist(),
+            "ms": t.ms_N.tolist(), "purity_top": t.purity_top_N.tolist(), "purity_all": t.purity_all_N.tolist(),
+            "top_class": t.top_class_N.tolist()}
