@@ -96,3 +96,26 @@ class SparseAutoencoder(nn.Module):
     def fold_input_scale(self, scale: float) -> None:
         """Training saw x * scale; change parameters in place so the model maps raw x."""
         raise NotImplementedError
+
+    # --- more training hooks (defaults: nothing), called by the loop in this order ---------------
+    uses_auxk: ClassVar[bool] = False  # whether the loop adds the AuxK dead-latent loss (needs decode_latents)
+
+    def init_from_sample(self, x_BD: torch.Tensor) -> None:
+        """Data-dependent initialisation from a sample of (scaled) training inputs, before step 0."""
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called before each training forward (schedules that depend on progress: k annealing, hard phase)."""
+
+    def support_mask(self, out: SAEOutput) -> torch.Tensor | None:
+        """Which entries of out.idx_BK are the input's support S_i (None: all of them)."""
+        return None
+
+    def decode_latents(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
+        """The decoder's sum over the kept latents WITHOUT the output bias (AuxK reconstructs a residual)."""
+        raise NotImplementedError
+
+    def prepare_grads(self) -> None:
+        """After backward, before clipping and the optimiser step (e.g. project decoder gradients)."""
+
+    def after_step(self) -> None:
+        """After the optimiser step (e.g. renormalise decoder rows)."""

@@ -1,0 +1,120 @@
+"""The run directory: who may write into it, the checkpoints, and the trainer state that --resume reads.
+
+Layout (one configuration):          several configurations:
+    DIR/ckpt.pt                          DIR/<name>/ckpt.pt, DIR/<name>/log.jsonl
+    DIR/log.jsonl                        DIR/trainer_state.pt, DIR/config.json
+    DIR/trainer_state.pt, DIR/config.json
+
+``trainer_state.pt`` holds everything the loop needs to continue exactly (every model's unfolded
+weights, optimiser moments, dead-latent counters, the step, the loader's grouping, RNG state) in ONE
+file, so the runs of a multi-configuration pass can never be saved at different steps. Every file is
+written atomically (temporary name, fsync, rename); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionsae.errors import CheckpointError, UserError
+from visionsae.sae.checkpoint import atomic_torch_save
+
+STATE_FILE = "trainer_state.pt"
+STATE_FORMAT = "visionsae-trainer-state"
+STATE_VERSION = 1
+OWN_FILES = ("ckpt.pt", "log.jsonl", STATE_FILE, "config.json")
+
+
+def run_dirs(out: Path, names: list[str]) -> dict[str, Path]:
+    if len(names) == 1:
+        return {names[0]: out}
+    return {n: out / n for n in names}
+
+
+def _existing(out: Path, names: list[str]) -> list[Path]:
+    own = [out / f for f in OWN_FILES] + [out / "saelens"]
+    return [p for p in own + ([out / n for n in names] if len(names) > 1 else []) if p.exists()]
+
+
+def check_out_dir(out: Path, names: list[str], *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over an existing run unless asked (read-only: every rank may call it)."""
+    if resume:
+        if not (out / STATE_FILE).exists():
+            raise UserError(f"nothing to resume in {out} (no {STATE_FILE}): run without --resume to start a new run")
+        return
+    existing = _existing(out, names)
+    if existing and not overwrite:
+        raise UserError(f"{out} already holds a run ({existing[0].name}): pass --resume to continue it, "
+                        "--overwrite to replace it, or choose another --out")
+
+
+def clear_out_dir(out: Path, names: list[str]) -> None:
+    """--overwrite: remove this tool's files of the old run, nothing else."""
+    for p in _existing(out, names):
+        if p.is_dir() and p.name != "saelens":
+            for f in OWN_FILES:
+                (p / f).unlink(missing_ok=True)
+            shutil.rmtree(p / "saelens", ignore_errors=True)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (logged by a run killed before its next save)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def save_state(out: Path, state: dict[str, Any]) -> None:
+    atomic_torch_save({"format": STATE_FORMAT, "format_version": STATE_VERSION, **state}, out / STATE_FILE)
+
+
+def load_state(out: Path) -> dict[str, Any]:
+    path = out / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable trainer state ({str(err).splitlines()[0][:160]}): "
+                              "start again with --overwrite") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a visionsae trainer state: start again with --overwrite")
+    if state.get("format_version") != STATE_VERSION:
+        raise CheckpointError(f"{path} has trainer-state version {state.get('format_version')}, this visionsae "
+                              f"reads {STATE_VERSION}: start again with --overwrite")
+    return state
+
+
+# Settings a resumed run must share with the run it continues (the rest, e.g. --save-every, may change).
+RESUME_KEYS = ("layer", "arch", "k", "expansion", "n_latents", "reg", "beta", "gamma", "lr", "batch_size",
+               "steps", "epochs", "val_fraction", "seed", "warmup_steps", "decay_frac", "grad_clip",
+               "auxk_coeff", "dead_rows", "l1_coeff", "softk_alpha", "softk_weight")
+
+
+def check_resumable(saved_cfg: dict[str, Any], cfg: dict[str, Any], saved_store: dict[str, Any],
+                    store: dict[str, Any]) -> None:
+    if saved_store.get("fingerprint") != store.get("fingerprint"):
+        raise UserError(f"--resume: the run was trained on a different store (fingerprint "
+                        f"{str(saved_store.get('fingerprint'))[:16]}...) than {store.get('path')}")
+    for key in RESUME_KEYS:
+        if saved_cfg.get(key) != cfg.get(key):
+            raise UserError(f"--resume: --{key.replace('_', '-')} was {saved_cfg.get(key)} in the saved run, "
+                            f"now {cfg.get(key)}: use the same settings to continue it")

@@ -1,0 +1,32 @@
+"""Held-out metrics at the end of training (papers.md section 5), on the validation images' rows."""
+
+from __future__ import annotations
+
+import torch
+
+from visionsae.sae.base import SparseAutoencoder
+
+
+@torch.no_grad()
+def validation_metrics(model: SparseAutoencoder, x_BD: torch.Tensor, *, batch_size: int,
+                       device: torch.device) -> dict[str, float]:
+    """FVU, normalised MSE, L0, cosine, and the fraction of latents that never fire on these rows."""
+    was_training = model.training
+    model.eval()
+    mean_D = x_BD.double().mean(0)
+    sse = tot = sq = l0 = cos = 0.0
+    fired_N = torch.zeros(model.cfg.n_latents, dtype=torch.bool, device=device)
+    for i in range(0, x_BD.shape[0], batch_size):
+        x = x_BD[i:i + batch_size].to(device)
+        out = model(x)
+        x_hat = out.x_hat_BD.float()
+        sse += float((x_hat - x).double().pow(2).sum())
+        tot += float((x.double() - mean_D.to(device)).pow(2).sum())
+        sq += float(x.double().pow(2).sum())
+        l0 += float((out.acts_BK > 0).sum())
+        cos += float(torch.nn.functional.cosine_similarity(x_hat, x, dim=1).sum())
+        fired_N[out.idx_BK[out.acts_BK > 0]] = True
+    model.train(was_training)
+    n = x_BD.shape[0]
+    return {"fvu": sse / max(tot, 1e-12), "nmse": sse / max(sq, 1e-12), "l0": l0 / n, "cos": cos / n,
+            "dead_frac": float((~fired_N).float().mean()), "rows": float(n)}
