@@ -8,6 +8,8 @@ import torch
 from visionsae.sae import SAEConfig, architectures, build_sae, load_checkpoint, save_checkpoint
 from visionsae.sae.dictionary import encode_affine, gather_decode, geometric_median
 
+BUILTIN = ("batchtopk", "relu", "softk", "topk")
+
 torch.set_num_threads(1)  # tiny tensors: threads only add contention with other test processes
 
 D, N, K = 12, 48, 4
@@ -25,7 +27,8 @@ def _model(arch: str, seed: int = 0):
 
 
 def test_all_variants_registered():
-    assert architectures() == ["batchtopk", "relu", "softk", "topk"]
+    # other test modules may register test-only variants; the built-in ones must all be there
+    assert set(BUILTIN) <= set(architectures())
 
 
 def test_gather_decode_matches_dense_and_passes_gradcheck():
@@ -135,7 +138,7 @@ def test_geometric_median_resists_outliers():
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path):
-    for arch in architectures():
+    for arch in BUILTIN:
         model = _model(arch).float()
         path = tmp_path / f"{arch}.pt"
         save_checkpoint(path, model, input_scale=2.0, store={"path": "s", "fingerprint": "f", "layer": "l", "d": D},
