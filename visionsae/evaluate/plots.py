@@ -37,13 +37,8 @@ def _fvu_vs_k(cks: list[dict]):
         line, = ax.plot(ks, [c["k_sweep"][str(k)]["fvu"] for k in ks], marker="o", label=c["name"])
         # the training k, where the sweep meets the plain metrics
         ax.plot([c["config"]["k"]], [c["reconstruction"]["fvu"]], marker="*", markersize=12, color=line.get_color())
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("inference-time k'")
-    ax.set_ylabel("FVU (held-out)")
-    ax.set_title("Robustness to the inference-time k (star: training k)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "inference-time k'", "FVU (held-out)",
+                   "Robustness to the inference-time k (star: training k)", log2=True)
 
 
 def _probe_vs_budget(cks: list[dict]):
@@ -59,13 +54,8 @@ def _probe_vs_budget(cks: list[dict]):
     for i, (raw, chance) in enumerate(sorted(raws)):
         ax.axhline(raw, color="black", linestyle="--", linewidth=1, label="raw activations" if i == 0 else None)
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="majority class" if i == 0 else None)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("budget m (largest latents kept per image)")
-    ax.set_ylabel("probe accuracy (held-out)")
-    ax.set_title("Small-budget linear probing")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "budget m (largest latents kept per image)", "probe accuracy (held-out)",
+                   "Small-budget linear probing", log2=True)
 
 
 def _firing_density(cks: list[dict]):
@@ -74,12 +64,8 @@ def _firing_density(cks: list[dict]):
         h = c["sparsity"]["density_histogram"]
         edges, counts = h["log10_edges"], h["counts"]
         ax.stairs(counts, edges, label=f"{c['name']} ({c['sparsity']['dead']} dead)")
-    ax.set_xlabel("log10 firing density (share of held-out rows)")
-    ax.set_ylabel("live latents")
-    ax.set_title("Firing density of live latents")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _finish(fig, ax, "log10 firing density (share of held-out rows)", "live latents",
+                   "Firing density of live latents")
 
 
 def _k_distribution(cks: list[dict]):
@@ -90,9 +76,16 @@ def _k_distribution(cks: list[dict]):
     for c in soft:
         kd = c["sparsity"]["k_distribution"]
         ax.stairs(kd["hist_counts"], kd["hist_edges"], label=f"{c['name']} (mean {kd['mean']:.1f})")
-    ax.set_xlabel("per-input k")
-    ax.set_ylabel("rows")
-    ax.set_title("Per-input k of SoftSAE checkpoints")
+    return _finish(fig, ax, "per-input k", "rows", "Per-input k of SoftSAE checkpoints")
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, log2: bool = False):
+    """The labels, grid and legend every figure of the report shares."""
+    if log2:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -237,26 +237,24 @@ class Loader:
         self._stop.clear()
         pin = self.device.type == "cuda"
 
+        def put(item) -> bool:
+            """Queue ``item`` unless asked to stop meanwhile; False when stopping."""
+            while not self._stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
             try:
                 for rows in self._batches_of(start_step):
                     # On a GPU the device converts (half the bytes cross the bus); on a CPU this thread does.
-                    rows = rows.pin_memory() if pin else self._to_batch(rows)
-                    while not self._stop.is_set():
-                        try:
-                            q.put(rows, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
+                    if not put(rows.pin_memory() if pin else self._to_batch(rows)):
                         return
             except BaseException as err:  # handed to the consumer, which raises it
-                while not self._stop.is_set():
-                    try:
-                        q.put(err, timeout=0.1)
-                        return
-                    except queue.Full:
-                        continue
+                put(err)
 
         self._thread = threading.Thread(target=produce, name="visionsae-loader", daemon=True)
         self._thread.start()
