@@ -94,7 +94,7 @@ def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Stored values -> float32 (a copy)."""
     if dtype == "bfloat16":
         return (np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(arr, dtype=np.float32).copy() if np.asarray(arr).dtype == np.float32 else np.asarray(arr).astype(np.float32)
+    return np.array(arr, dtype=np.float32)  # always a copy: callers may modify it
 
 
 def to_storage(x: Any, dtype: str) -> np.ndarray:
@@ -145,13 +145,14 @@ def store_fingerprint(root: Mapping[str, Any], layers: list[Mapping[str, Any]]) 
 
 def weights_fingerprint(state_dict: Mapping[str, Any]) -> str:
     """Section 7: sha256 over (key, dtype, shape, bytes) of every tensor, in key order."""
+    import torch
     h = hashlib.sha256()
     for key, tensor in state_dict.items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(key.encode())
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         # view as bytes so that dtypes numpy lacks (bfloat16) hash too
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 
