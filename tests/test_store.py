@@ -197,3 +197,16 @@ def test_full_disk_leaves_no_shard_marked_complete(tmp_path):
         assert meta["attributes"]["visionsae"]["complete"] is False
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_resume_removes_temporaries_of_a_killed_writer(tmp_path):
+    x = _acts(100, 4)
+    w = StoreWriter.create(tmp_path / "sub" / "s", _spec())  # the parent folder is created too
+    _write(w, [0], x)
+    litter = tmp_path / "sub" / "s" / "layers" / "e" / "acts" / "c" / "1" / "0.tmp-99999"
+    litter.parent.mkdir(parents=True)
+    litter.write_bytes(b"half a chunk")
+    StoreWriter.create(tmp_path / "sub" / "s", _spec(), mode="join")
+    assert litter.exists()  # joining ranks never touch files another rank may be writing
+    w = StoreWriter.create(tmp_path / "sub" / "s", _spec(), mode="resume")
+    assert not litter.exists() and w.done_shards() == {0}

@@ -137,25 +137,13 @@ def _open_writer(spec: StoreSpec, cfg: ExtractConfig, ranks: Ranks) -> StoreWrit
     error, writer = None, None
     if ranks.rank == 0:
         try:
-            if cfg.format == "zarr" and not path.parent.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
             writer = StoreWriter.create(path, spec, mode=cfg.mode)
-            if cfg.mode == "resume":
-                _remove_stale_temporaries(path)
         except UserError as err:
             error = err
     ranks.share_error(error)
     if writer is None:
         writer = StoreWriter.create(path, spec, mode="join")
     return writer
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """A process killed while writing a chunk leaves ``<name>.tmp-<pid>`` behind (never a record for it);
-    the shard is rewritten on resume, so the leftover is only litter."""
-    if path.is_dir():
-        for tmp in path.rglob("*.tmp-*"):
-            tmp.unlink(missing_ok=True)
 
 
 def shard_batches(spec: StoreSpec, shards: list[int], batch_size: int) -> list[tuple[int, int, int]]:

@@ -37,6 +37,7 @@ class StoreWriter:
         if mode not in MODES:
             raise StoreError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         backend = ZarrWriter if spec.format == "zarr" else H5Writer
         if mode in ("resume", "join"):
             if not path.exists():
@@ -44,6 +45,11 @@ class StoreWriter:
                     return backend._new(path, spec)
                 raise StoreError(f"{path} does not exist: the first rank must create it before others join")
             writer = backend._reopen(path, spec)
+            if mode == "resume" and path.is_dir():
+                # A process killed mid-chunk leaves <name>.tmp-<pid> (never a record for it): the shard
+                # is rewritten, so the leftover is litter. Not on "join": other ranks may be writing.
+                for tmp in path.rglob("*.tmp-*"):
+                    tmp.unlink(missing_ok=True)
             return writer
         if path.exists() or path.is_symlink():
             if mode == "new":

@@ -257,18 +257,16 @@ class Trainer:
 
     def _final_metrics(self, last: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         metrics: dict[str, dict[str, float]] = {}
-        if self.dist.main and self.val_slots.size:
-            x_val = validation_rows(self.store, self.cfg.layer, self.val_slots) * self.scale
-            for run in self.runs:
-                m = validation_metrics(run.model, x_val, batch_size=self.cfg.batch_size, device=self.device)
-                metrics[run.spec.name] = {**{f"train_{k}": float(v) for k, v in last.get(run.spec.name, {}).items()
-                                             if k in ("fvu", "l0", "dead_frac", "loss")},
-                                          **{f"val_{k}": v for k, v in m.items()}}
-                self._log(run, {"event": "final", "step": self.step, **metrics[run.spec.name]})
-        elif self.dist.main:
+        if self.dist.main:
+            x_val = (validation_rows(self.store, self.cfg.layer, self.val_slots) * self.scale
+                     if self.val_slots.size else None)
             for run in self.runs:
                 metrics[run.spec.name] = {f"train_{k}": float(v) for k, v in last.get(run.spec.name, {}).items()
                                           if k in ("fvu", "l0", "dead_frac", "loss")}
+                if x_val is not None:
+                    m = validation_metrics(run.model, x_val, batch_size=self.cfg.batch_size, device=self.device)
+                    metrics[run.spec.name].update({f"val_{k}": v for k, v in m.items()})
+                    self._log(run, {"event": "final", "step": self.step, **metrics[run.spec.name]})
         self.dist.barrier()
         return metrics
 
