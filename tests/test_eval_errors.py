@@ -23,11 +23,12 @@ def _store(path, d=D, backbone="arrays"):
                              images_per_shard=16, backbone_id=backbone)
 
 
-def _ckpt(path, store, val_slots=range(20, 40), store_path=None):
+def _ckpt(path, store, val_slots=range(20, 40), store_path=None, layer_fingerprint=True):
     model = build_sae(SAEConfig(arch="topk", d_in=D, n_latents=12, k=2))
-    save_checkpoint(path, model, input_scale=1.0,
-                    store={"path": str(store_path or store.path), "fingerprint": store.fingerprint, "layer": "emb",
-                           "d": D},
+    record = {"path": str(store_path or store.path), "fingerprint": store.fingerprint, "layer": "emb", "d": D}
+    if layer_fingerprint:
+        record["layer_fingerprint"] = store.layer_fingerprint("emb")
+    save_checkpoint(path, model, input_scale=1.0, store=record,
                     split={"val_slots": torch.as_tensor(list(val_slots), dtype=torch.long), "val_fraction": 0.5,
                            "seed": 0}, train={}, step=0, metrics={})
     return str(path)
@@ -46,6 +47,12 @@ def _cli_error(args, tmp):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+def _cli_ok(args, tmp):
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp / "out"), "--quiet", "--probe-budgets", ""])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return True
 
 
 def test_not_a_checkpoint(good, tmp_path):
@@ -92,11 +99,28 @@ def test_malicious_pickle_does_not_run(tmp_path):
 def test_store_of_another_backbone_or_width(good, tmp_path):
     _, _, ck = good
     other = _store(tmp_path / "other", backbone="another-backbone")
-    assert "is not the store" in _cli_error([ck, "--store", str(other.path)], tmp_path)
+    assert "records no backbone fingerprint" in _cli_error([ck, "--store", str(other.path)], tmp_path)
     narrow = _store(tmp_path / "narrow", d=D - 2)
     assert "width" in _cli_error([ck, "--store", str(narrow.path)], tmp_path)
     with pytest.raises(StoreError):
         evaluate(EvalConfig([ck], store=str(other.path), progress=False))
+
+
+def test_sibling_needs_the_same_layer_fingerprint(tmp_path):
+    rng = np.random.default_rng(1)
+
+    def store(name, fingerprint):
+        return write_array_store(tmp_path / name, {"emb": rng.normal(size=(40, D)).astype(np.float32)},
+                                 rng.integers(0, 2, 40), images_per_shard=16, split=name,
+                                 backbone_fingerprint=fingerprint)
+    train, other_weights = store("train", "sha256:a"), store("test", "sha256:b")
+    ck = _ckpt(tmp_path / "c.pt", train)
+    assert "another backbone" in _cli_error([ck, "--store", str(other_weights.path)], tmp_path)
+    # a checkpoint written before layer fingerprints existed is only matched by its own store
+    sibling = store("sibling", "sha256:a")
+    old_ck = _ckpt(tmp_path / "old.pt", train, layer_fingerprint=False)
+    assert "predates layer fingerprints" in _cli_error([old_ck, "--store", str(sibling.path)], tmp_path)
+    assert _cli_ok([ck, "--store", str(sibling.path)], tmp_path)
 
 
 def test_missing_store(good, tmp_path):

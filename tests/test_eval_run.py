@@ -61,7 +61,8 @@ def make_data(n=400, T=1, seed=0):
 
 def make_ckpt(path, store, layer, model, val_slots):
     save_checkpoint(path, model, input_scale=1.0,
-                    store={"path": str(store.path), "fingerprint": store.fingerprint, "layer": layer,
+                    store={"path": str(store.path), "fingerprint": store.fingerprint,
+                           "layer_fingerprint": store.layer_fingerprint(layer), "layer": layer,
                            "d": store.layer(layer).d},
                     split={"val_slots": torch.as_tensor(val_slots), "val_fraction": 0.5, "seed": 0},
                     train={"note": "test"}, step=1, metrics={})
@@ -206,6 +207,49 @@ def test_ms_embeddings_joined_on_image_index(tmp_path):
     live = (a > 0).any(0)
     np.testing.assert_allclose(res.checkpoints[0].tables.ms_N[live], want[live], rtol=1e-9)
     assert res.groups[0].summary["images_without_embedding"] == 1
+
+
+def _split_stores(tmp_path, test_dataset="arrays"):
+    """A 'train' and a 'test' store of the same (pretend) backbone: siblings, with different images."""
+    def one(name, n, seed, dataset):
+        labels, x = make_data(n=n, seed=seed)
+        store = write_array_store(tmp_path / name, {"emb": x}, labels, images_per_shard=32, split=name,
+                                  dataset_id=dataset, backbone_id="toy", backbone_fingerprint="sha256:toy")
+        return store, x, labels
+    train, _, _ = one("train", 200, 5, "arrays")
+    test, x_test, y_test = one("test", 80, 6, test_dataset)
+    assert train.fingerprint != test.fingerprint and train.layer_fingerprint("emb") == test.layer_fingerprint("emb")
+    return train, test, x_test
+
+
+def test_sibling_store_every_image_and_probes_from_the_training_store(tmp_path):
+    train, test, x_test = _split_stores(tmp_path)
+    ck = make_ckpt(tmp_path / "c.pt", train, "emb", signed(D), np.arange(150, 200))
+    res = evaluate(EvalConfig([ck], store=str(test.path), k_sweep=(4,), probe_budgets=(1,), progress=False))
+    summary, group = res.checkpoints[0].summary, res.groups[0].summary
+    assert summary["reconstruction"]["n_rows"] == 80 and summary["reconstruction"]["fvu"] == 0.0
+    xv = x_test.astype(np.float64)
+    kept = np.zeros_like(xv)
+    top = np.argsort(-np.abs(xv), axis=1)[:, :4]
+    np.put_along_axis(kept, top, np.take_along_axis(xv, top, 1), 1)
+    fvu = ((xv - kept) ** 2).sum() / ((xv - xv.mean(0)) ** 2).sum()
+    assert summary["k_sweep"]["4"]["fvu"] == pytest.approx(fvu, rel=1e-6)
+    # probes fit on the training store's 150 non-held-out images, scored on all 80 test images
+    probes = summary["probes"]
+    assert (probes["n_train"], probes["n_test"]) == (150, 80) and probes["budgets"]["1"]["accuracy"] == 1.0
+    assert group["probe_train_store"] == str(train.path) and group["held_out_images"] == 80
+    assert "every valid image" in group["evaluated_on"]
+
+
+def test_sibling_store_without_its_training_store_skips_only_the_probes(tmp_path):
+    train, test, _ = _split_stores(tmp_path, test_dataset="elsewhere")
+    ck = make_ckpt(tmp_path / "c.pt", train, "emb", signed(D), np.arange(150, 200))
+    res = evaluate(EvalConfig([ck], store=str(test.path), k_sweep=(), probe_budgets=(1,), progress=False))
+    assert "labels do not match" in res.checkpoints[0].summary["probes"]["skipped"]
+    shutil.rmtree(train.path)
+    res = evaluate(EvalConfig([ck], store=str(test.path), k_sweep=(), probe_budgets=(1,), progress=False))
+    assert "is not here" in res.checkpoints[0].summary["probes"]["skipped"]
+    assert res.checkpoints[0].summary["reconstruction"]["n_rows"] == 80
 
 
 def test_real_variants_sweep_matches_forward(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from visionsae.evaluate import EvalConfig, evaluate
 from visionsae.store import write_array_store
 from visionsae.train.cli import main
 
@@ -98,3 +99,27 @@ def test_existing_run_is_not_overwritten(store, tmp_path):
     assert _run(*run, "--steps", 8, "--overwrite")[0] == 0
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 8
     _refused(*_run(*run[:-1], tmp_path / "empty", "--steps", 8, "--resume")[::2], "nothing to resume")
+
+
+def test_checkpoint_evaluates_on_a_sibling_store(tmp_path):
+    """Train on a 'train' store, evaluate on the 'test' store of the same backbone and layer: the checkpoint
+    records the layer fingerprint that makes the two stores siblings."""
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((3, 8)).astype(np.float32) * 4
+
+    def split(name, n):
+        y = rng.integers(0, 3, n)
+        x = centers[y] + rng.standard_normal((n, 8)).astype(np.float32)
+        return write_array_store(tmp_path / name, {"a": x}, y, images_per_shard=64, split=name,
+                                 backbone_fingerprint="sha256:toy")
+    train, test = split("train", 384), split("test", 96)
+    code, out, err = _run("--store", train.path, "--n-latents", 16, "--k", 2, "--batch-size", 64, "--steps", 20,
+                          "--out", tmp_path / "r")
+    assert code == 0, err
+    record = json.loads((tmp_path / "r" / "config.json").read_text())["store"]
+    assert record["layer_fingerprint"] == test.layer_fingerprint("a") is not None
+    res = evaluate(EvalConfig([str(tmp_path / "r" / "ckpt.pt")], store=str(test.path), k_sweep=(), probe_budgets=(2,),
+                              progress=False))
+    summary = res.checkpoints[0].summary
+    assert summary["reconstruction"]["n_rows"] == 96
+    assert summary["probes"]["n_test"] == 96 and summary["probes"]["n_train"] > 0

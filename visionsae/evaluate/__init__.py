@@ -6,7 +6,12 @@ the extract or train stages. The choices it makes, in one place:
 - Data: the store each checkpoint records (or ``--store``), refused unless layer, width and store
   fingerprint match. Images: the checkpoint's held-out slots (``meta["split"]["val_slots"]``) that
   are valid; checkpoints of one store layer are evaluated together, on the held-out images they
-  all share, in one pass over the data.
+  all share, in one pass over the data. ``--store`` may also name a sibling: another store with the
+  checkpoint's layer fingerprint (same backbone, preprocessing, tokens and layer; another split or
+  dataset). Then every valid image of it is evaluated on, and the probes train on the training
+  store's non-held-out images (skipped, with the reason in the report, when it is not here or
+  labels another dataset). This is how coefficients chosen on the held-out part of a train split
+  are reported on a test split.
 - Reconstruction and sparsity: per row (token), float64 sums (metrics.py has the definitions).
   Code concentration is measured on the positive part z+ of the pre-sparsity output z (only
   positive values can enter a Top-k / ReLU code): mean ||z+||_1 / ||z+||_2, and the number of

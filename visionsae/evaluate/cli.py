@@ -16,8 +16,9 @@ def _ints(text: tuple[int, ...]) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=True))
-@click.option("--store", default=None, help="Activation store to read instead of the one each checkpoint records; "
-              "refused unless its fingerprint and width match.")
+@click.option("--store", default=None, help="Activation store to read instead of the one each checkpoint records: "
+              "the same store moved, or a sibling with the same backbone and layer over other images (e.g. the "
+              "test split), all of whose images are then evaluated on.")
 @click.option("--k-sweep", default=_ints(_D.k_sweep), help="Inference-time k' values to re-measure "
               "reconstruction at ('' for none).")
 @click.option("--ms-embeddings", default=None, type=click.Path(),

@@ -1,8 +1,10 @@
 """What an evaluation reads: checkpoints, the store each was trained on, the images to use.
 
 Every mismatch between a checkpoint and a store is a one-line error here, before any work:
-a missing store, another layer, another width, another backbone (store fingerprint), an empty
-held-out split. Checkpoints that share store and layer form a group, evaluated in one pass.
+a missing store, another layer, another width, another backbone (store and layer fingerprints), an
+empty held-out split. A store with the checkpoint's layer fingerprint but another store fingerprint
+is a sibling (the same backbone and layer over other images, e.g. the test split): all its images
+are unseen. Checkpoints that share store and layer form a group, evaluated in one pass.
 """
 
 from __future__ import annotations
@@ -33,11 +35,26 @@ class Checkpoint:
 
 @dataclasses.dataclass
 class Group:
-    """Checkpoints of one store layer: one pass over its images serves them all."""
+    """Checkpoints of one store layer: one pass over its images serves them all.
+
+    ``sibling`` is False when ``store`` is the store the checkpoints were trained on: they are evaluated on
+    their held-out images, and the probes train on the rest. It is True when ``store`` is another store of the
+    same backbone and layer (another split, e.g. test after training on train; same layer fingerprint): every
+    valid image of it is unseen, so all of them are evaluated on, and the probes train on ``probe_store``, the
+    training store, outside the held-out images (None when that store is not here or holds another dataset;
+    ``probe_skip`` says why).
+    """
 
     store: Store
     layer: str
     checkpoints: list[Checkpoint]
+    sibling: bool = False
+    probe_store: Store | None = None
+    probe_skip: str | None = None
+
+    @property
+    def probe_source(self) -> Store | None:
+        return self.probe_store if self.sibling else self.store
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,7 +86,14 @@ def _short_names(paths: list[Path]) -> list[str]:
 
 def group_checkpoints(checkpoints: list[Checkpoint], store_override: str | None) -> list[Group]:
     stores: dict[str, Store] = {}
-    groups: dict[tuple[str, str], Group] = {}
+
+    def opened(path: str) -> tuple[str, Store]:
+        key = str(Path(path).resolve())
+        if key not in stores:
+            stores[key] = open_store(path)
+        return key, stores[key]
+
+    groups: dict[tuple, Group] = {}
     for ck in checkpoints:
         rec = ck.meta["store"]
         path = store_override or rec.get("path")
@@ -78,18 +102,23 @@ def group_checkpoints(checkpoints: list[Checkpoint], store_override: str | None)
         if not Path(path).exists():
             raise StoreError(f"the store {path} that {ck.path} was trained on does not exist here: "
                              "pass its current location with --store PATH")
-        key = str(Path(path).resolve())
-        if key not in stores:
-            stores[key] = open_store(path)
-        store = stores[key]
-        check_store(ck, store)
-        group = groups.setdefault((key, rec["layer"]), Group(store, rec["layer"], []))
+        key, store = opened(path)
+        sibling = check_store(ck, store)
+        probe_key, probe_store, probe_skip = None, None, None
+        if sibling:
+            probe_key, probe_store, probe_skip = _training_store(ck, store, opened)
+        group = groups.setdefault((key, rec["layer"], sibling, probe_key),
+                                  Group(store, rec["layer"], [], sibling, probe_store, probe_skip))
         group.checkpoints.append(ck)
     return list(groups.values())
 
 
-def check_store(ck: Checkpoint, store: Store) -> None:
-    """Refuse a store that is not the one the checkpoint was trained on (layer, width, identity)."""
+def check_store(ck: Checkpoint, store: Store) -> bool:
+    """Refuse a store that holds other activations than the checkpoint was trained on (layer, width, backbone).
+
+    Returns False for the training store itself (same store fingerprint), True for a sibling: a store of the
+    same backbone, preprocessing, tokens and layer over other images (same layer fingerprint).
+    """
     rec = ck.meta["store"]
     layer = rec.get("layer")
     if layer not in store.layer_names:
@@ -99,10 +128,38 @@ def check_store(ck: Checkpoint, store: Store) -> None:
     if d != int(ck.config["d_in"]) or d != int(rec.get("d", d)):
         raise StoreError(f"{store.path} layer '{layer}' has width {d} but {ck.path} expects {ck.config['d_in']}: "
                          "it is another backbone or layer; pass the store the checkpoint was trained on")
-    if rec.get("fingerprint") != store.fingerprint:
-        raise StoreError(f"{store.path} is not the store {ck.path} was trained on (store fingerprint "
-                         f"{store.fingerprint[:19]}... vs {str(rec.get('fingerprint'))[:19]}...: another backbone, "
-                         "dataset or layer set): pass the matching store with --store")
+    if rec.get("fingerprint") == store.fingerprint:
+        return False
+    mine = store.layer_fingerprint(layer)
+    if mine is not None and rec.get("layer_fingerprint") == mine:
+        return True
+    if "layer_fingerprint" not in rec:
+        why = "the checkpoint predates layer fingerprints, so only its own store is accepted; retrain to get one"
+    elif rec["layer_fingerprint"] is None:
+        why = "its training store records no backbone fingerprint, so only that store is accepted"
+    else:
+        why = "another backbone, preprocessing, token selection or layer"
+    raise StoreError(f"{store.path} does not hold the activations {ck.path} was trained on (store fingerprint "
+                     f"{store.fingerprint[:19]}... vs {str(rec.get('fingerprint'))[:19]}...; {why}): pass the "
+                     "training store, or a store extracted with the same backbone and settings, with --store")
+
+
+def _training_store(ck: Checkpoint, store: Store, opened) -> tuple[str | None, Store | None, str | None]:
+    """The store a sibling group's probes train on: the checkpoint's training store, if it is here and labels
+    the same classes. Returns (key, store, None) or (None, None, why the probes are skipped)."""
+    rec = ck.meta["store"]
+    path = rec.get("path")
+    if not path or not Path(path).exists():
+        return None, None, (f"the training store {path} is not here, and the probes train on its images: "
+                            "evaluate where it is, or on the training store itself")
+    key, train = opened(path)
+    if train.fingerprint != rec.get("fingerprint"):
+        return None, None, f"{path} has changed since training (store fingerprint differs)"
+    same = ("id", "classes")
+    if any(train.dataset.get(k) != store.dataset.get(k) for k in same):
+        return None, None, (f"the training store {path} holds dataset '{train.dataset.get('id')}' and "
+                            f"{store.path} '{store.dataset.get('id')}': their labels do not match")
+    return key, train, None
 
 
 def val_slots(ck: Checkpoint, n_images: int) -> np.ndarray:
@@ -118,8 +175,14 @@ def val_slots(ck: Checkpoint, n_images: int) -> np.ndarray:
 
 
 def eval_slots(group: Group, max_images: int | None, seed: int) -> np.ndarray:
-    """Held-out, valid images common to every checkpoint of the group (sorted), capped by max_images."""
+    """The images evaluated on (sorted, capped by max_images): the valid held-out images common to every
+    checkpoint of the group, or, on a sibling store, every valid image."""
     store = group.store
+    if group.sibling:
+        slots = np.nonzero(store.valid)[0]
+        if slots.size == 0:
+            raise UserError(f"{store.path} has no valid image to evaluate on")
+        return _subsample(slots, max_images, seed)
     common = None
     for ck in group.checkpoints:
         s = val_slots(ck, store.n_images)
@@ -132,12 +195,16 @@ def eval_slots(group: Group, max_images: int | None, seed: int) -> np.ndarray:
 
 
 def probe_train_slots(group: Group, held_out: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """Labelled, valid images outside every held-out set, for fitting the probes (sorted, capped)."""
-    store = group.store
+    """Labelled, valid images of ``group.probe_source`` outside every held-out set, for fitting the probes
+    (sorted, capped); empty when the group has no probe source."""
+    store = group.probe_source
+    if store is None:
+        return np.zeros(0, dtype=np.int64)
     use = store.valid & (store.labels >= 0)
     for ck in group.checkpoints:
         use[val_slots(ck, store.n_images)] = False
-    use[held_out] = False
+    if not group.sibling:
+        use[held_out] = False
     return _subsample(np.nonzero(use)[0], cap, seed + 1)
 
 

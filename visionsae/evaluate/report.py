@@ -108,8 +108,9 @@ def markdown(doc: dict, figures: dict[str, str]) -> str:
         parts.append(f"- store `{g['store']['path']}` ({g['store']['backbone'].get('id')}, {ds.get('id')}/"
                      f"{ds.get('split')}), layer `{g['layer']['name']}` (d = {g['layer']['d']}, "
                      f"{g['layer']['tokens_per_image']} token(s) per image): {g['held_out_images']} held-out images "
-                     f"({g['held_out_rows']} rows; the valid images held out by every checkpoint of this layer), "
-                     f"{g['probe_train_images']} probe-training images; MS embeddings: "
+                     f"({g['held_out_rows']} rows; {g['evaluated_on']}), {g['probe_train_images']} probe-training "
+                     f"images" + (f" from `{g['probe_train_store']}`" if g["probe_train_store"] else "") +
+                     "; MS embeddings: "
                      f"{g['ms_embeddings']}" + (f"; {g['pooling']}" if g["pooling"] else ""))
     parts += ["", "## Details", ""]
     detail_header = ["checkpoint", "MS baseline", "MSE", "EV", "NMSE", "cosine", "l2 ratio", "rel. bias", "dense",

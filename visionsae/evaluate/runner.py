@@ -100,8 +100,8 @@ def _select_images(group: Group, cfg: EvalConfig) -> _Images:
     cap = min(cfg.probe_train_images, cfg.max_images or cfg.probe_train_images)
     train = probe_train_slots(group, slots, cap, cfg.seed)
     y_eval = store.labels[slots]
-    skip = ("no --probe-budgets given" if not cfg.probe_budgets
-            else probes.check_labels(store.labels[train], y_eval[y_eval >= 0]))
+    skip = ("no --probe-budgets given" if not cfg.probe_budgets else group.probe_skip
+            or probes.check_labels(group.probe_source.labels[train], y_eval[y_eval >= 0]))
     return _Images(slots, other, other_slots, n_no_embedding, train, skip)
 
 
@@ -110,18 +110,22 @@ def _batches(n: int, size: int, desc: str, show: bool) -> Iterator[slice]:
         yield slice(pos, pos + size)
 
 
-def _n_classes(store: Store) -> int:
-    labelled = store.labels[store.labels >= 0]
-    return max(len(store.classes), int(labelled.max()) + 1 if labelled.size else 0)
+def _n_classes(*stores: Store | None) -> int:
+    n = 0
+    for store in filter(None, stores):
+        labelled = store.labels[store.labels >= 0]
+        n = max(n, len(store.classes), int(labelled.max()) + 1 if labelled.size else 0)
+    return n
 
 
 def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.device
                     ) -> tuple[GroupInfo, list[CheckpointResult]]:
-    store, info = group.store, group.store.layer(group.layer)
+    store, info, probe_src = group.store, group.store.layer(group.layer), group.probe_source
     T = info.tokens_per_image
     im = _select_images(group, cfg)
     budgets = sorted(cfg.probe_budgets)
-    evals = [ModelEval(ck, info, im.other.d if im.other else info.d, _n_classes(store), tuple(cfg.k_sweep),
+    n_classes = _n_classes(store, probe_src)
+    evals = [ModelEval(ck, info, im.other.d if im.other else info.d, n_classes, tuple(cfg.k_sweep),
                        max(budgets, default=1), cfg.top_images, device) for ck in group.checkpoints]
     per_batch = max(1, cfg.batch_rows // T)
     name = f"{Path(store.path).name}/{group.layer}"
@@ -141,12 +145,13 @@ def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.dev
 
     if im.probe_skip is None:
         for part in _batches(len(im.probe_train), per_batch, f"{name} probe-train", cfg.progress):
-            x_RD = torch.from_numpy(store.read_slots(group.layer, im.probe_train[part])).to(device)
+            x_RD = torch.from_numpy(probe_src.read_slots(group.layer, im.probe_train[part])).to(device)
             raw_train.append(image_vectors(x_RD, T, info.token_kind).cpu().numpy())
             for ev in evals:
                 ev.update_train(x_RD)
 
-    y_eval, y_train = store.labels[im.held_out], store.labels[im.probe_train]
+    y_eval = store.labels[im.held_out]
+    y_train = probe_src.labels[im.probe_train] if probe_src is not None else np.zeros(0, dtype=np.int64)
     test = y_eval >= 0
     if im.probe_skip is None:
         raw = probes.fit_score(np.concatenate(raw_train), y_train, np.concatenate(raw_eval)[test], y_eval[test],
@@ -177,11 +182,15 @@ def _group_summary(group: Group, im: _Images) -> dict:
     return {
         "store": {"path": str(store.path), "fingerprint": store.fingerprint, "format": store.format,
                   "backbone": store.backbone, "dataset": {k: v for k, v in store.dataset.items() if k != "classes"},
-                  "n_classes": _n_classes(store)},
+                  "n_classes": _n_classes(store, group.probe_source)},
         "layer": {"name": info.name, "kind": info.kind, "d": info.d, "tokens_per_image": T,
                   "token_kind": info.token_kind, "dtype": info.dtype},
+        "evaluated_on": (f"every valid image of {store.path}, a store of the same backbone and layer as the "
+                         "training store (no image of it was trained on)" if group.sibling
+                         else "the images every checkpoint held out from training"),
         "held_out_images": int(im.held_out.size), "held_out_rows": int(im.held_out.size * T),
         "probe_train_images": int(im.probe_train.size) if im.probe_skip is None else 0,
+        "probe_train_store": str(group.probe_source.path) if group.probe_source is not None else None,
         "ms_embeddings": im.other.label if im.other else f"the evaluated layer's image-level vectors ({info.name})",
         "images_without_embedding": im.n_no_embedding,
         "pooling": "per-image activation of a latent = its maximum over the image's tokens" if T > 1 else None,

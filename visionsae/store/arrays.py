@@ -16,8 +16,13 @@ def write_array_store(path: str | Path, acts: Mapping[str, np.ndarray], labels: 
                       tokens_per_image: int = 1, dtype: str = "float32", format: str = "zarr",
                       images_per_shard: int = 256, classes: Sequence[str] | None = None,
                       image_index: np.ndarray | None = None, valid: np.ndarray | None = None,
-                      dataset_id: str = "arrays", backbone_id: str = "arrays", overwrite: bool = False) -> Store:
-    """Store ``acts`` ({layer: [n_images * tokens_per_image, d]}) as a complete store and open it."""
+                      dataset_id: str = "arrays", split: str = "train", backbone_id: str = "arrays",
+                      backbone_fingerprint: str | None = None, overwrite: bool = False) -> Store:
+    """Store ``acts`` ({layer: [n_images * tokens_per_image, d]}) as a complete store and open it.
+
+    ``backbone_fingerprint`` names the function that computed the activations (any string that changes
+    with it); stores that share it and their layers' shapes are siblings, so an SAE trained on one can be
+    evaluated on the other (cache_layout.md, section 9). None: the store is only ever its own match."""
     first = next(iter(acts.values()))
     n_images = first.shape[0] // tokens_per_image
     labels = np.full(n_images, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
@@ -27,8 +32,9 @@ def write_array_store(path: str | Path, acts: Mapping[str, np.ndarray], labels: 
     if classes is None:
         classes = [str(c) for c in range(int(labels.max()) + 1)] if n_images and labels.max() >= 0 else []
     spec = StoreSpec(
-        backbone={"id": backbone_id, "weights": "arrays", "fingerprint": None, "preprocessing": None},
-        dataset={"id": dataset_id, "root": None, "split": "train", "n_images": n_images, "classes": list(classes)},
+        backbone={"id": backbone_id, "weights": "arrays", "fingerprint": backbone_fingerprint,
+                  "preprocessing": None},
+        dataset={"id": dataset_id, "root": None, "split": split, "n_images": n_images, "classes": list(classes)},
         tokens="all" if tokens_per_image > 1 else "cls", dtype=dtype, layers=layers,
         images_per_shard=images_per_shard, extract={}, format=format)
     writer = StoreWriter.create(path, spec, mode="overwrite" if overwrite else "new")

@@ -143,6 +143,22 @@ def store_fingerprint(root: Mapping[str, Any], layers: list[Mapping[str, Any]]) 
     return "sha256:" + hashlib.sha256(canonical_json(ident).encode()).hexdigest()
 
 
+def layer_fingerprint(root: Mapping[str, Any], layer: Mapping[str, Any]) -> str | None:
+    """Section 9: identity of the function that computed one layer's rows (backbone weights and preprocessing,
+    token selection, layer), not of the images. Two stores with equal layer fingerprints hold the same layer of
+    the same backbone over possibly different images: an SAE trained on one can be evaluated on the other.
+    None when the backbone has no weight fingerprint (array stores), which then matches nothing."""
+    backbone = root["backbone"]
+    if not backbone.get("fingerprint"):
+        return None
+    ident = {
+        "backbone": {k: backbone.get(k) for k in ("id", "fingerprint", "preprocessing")},
+        "tokens": root["tokens"],
+        "layer": {k: layer.get(k) for k in ("name", "source", "kind", "d", "tokens_per_image", "token_kind")},
+    }
+    return "sha256:" + hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+
+
 def weights_fingerprint(state_dict: Mapping[str, Any]) -> str:
     """Section 7: sha256 over (key, dtype, shape, bytes) of every tensor, in key order."""
     import torch

@@ -18,7 +18,8 @@ import numpy as np
 from visionsae.errors import StoreError
 from visionsae.store.hdf5_backend import H5Source
 from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, crc32_of, shard_record_name,
-                                    storage_dtype, store_fingerprint, to_float32)
+                                    layer_fingerprint, storage_dtype, store_fingerprint,
+                                    to_float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,11 @@ class Store:
     @cached_property
     def fingerprint(self) -> str:
         return store_fingerprint(self.attrs, [self._src.layer_attrs(n) for n in self.layer_names])
+
+    def layer_fingerprint(self, name: str) -> str | None:
+        """Identity of the backbone, preprocessing, tokens and layer that computed ``name``'s rows (section 9)."""
+        self.layer(name)  # unknown names fail with the usual message
+        return layer_fingerprint(self.attrs, self._src.layer_attrs(name))
 
     @cached_property
     def image_index(self) -> np.ndarray:

@@ -125,7 +125,8 @@ class Trainer:
         self.scale, self.variance = _scale_and_variance(self.store, info.name)
         self.train_slots, self.val_slots = make_split(self.store, cfg.val_fraction, cfg.seed)
         self.store_id = {"path": str(Path(cfg.store).resolve()), "fingerprint": self.store.fingerprint,
-                         "layer": info.name, "d": int(info.d)}
+                         "layer_fingerprint": self.store.layer_fingerprint(info.name), "layer": info.name,
+                         "d": int(info.d)}
         self.state = load_state(self.out) if cfg.resume else None
         if self.state is not None:
             check_resumable(self.state["config"], cfg.to_dict(), self.state["store"], self.store_id)
