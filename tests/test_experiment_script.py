@@ -1,0 +1,55 @@
+"""experiments/fmnist.py: the coefficient choice on the validation split, and which sweeps count as finished."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("fmnist_experiment",
+                                              Path(__file__).parents[1] / "experiments" / "fmnist.py")
+fmnist = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fmnist)
+
+
+def _ck(reg, fvu, ms, beta=None, gamma=None):
+    return {"train": {"reg": reg, "beta": beta, "gamma": gamma}, "reconstruction": {"fvu": fvu},
+            "monosemanticity": {"mean": ms}, "sparsity": {"dead_fraction": 0.1}}
+
+
+def test_choose_takes_the_best_ms_within_the_fvu_limit():
+    cks = [_ck("none", 0.300, 0.60),
+           _ck("off", 0.301, 0.65, beta=1e-5), _ck("off", 0.314, 0.70, beta=1e-4),  # 1e-4 within 5%: chosen
+           _ck("ratio", 0.310, 0.66, gamma=1e-3), _ck("ratio", 0.400, 0.90, gamma=1e-2)]  # 1e-2 costs too much
+    chosen = fmnist.choose(cks)
+    assert (chosen["beta"], chosen["gamma"]) == (1e-4, 1e-3)
+    assert [c["chosen"] for c in chosen["candidates"]] == [False, True, True, False]
+
+
+def test_choose_falls_back_to_the_lowest_fvu():
+    cks = [_ck("none", 0.3, 0.6), _ck("off", 0.5, 0.9, beta=1e-4), _ck("off", 0.4, 0.7, beta=1e-3),
+           _ck("ratio", 0.29, 0.61, gamma=1e-3)]
+    chosen = fmnist.choose(cks)
+    assert (chosen["beta"], chosen["gamma"]) == (1e-3, 1e-3)
+
+
+def test_a_sweep_counts_as_finished_only_with_every_final_record(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"runs": ["a", "b"]}))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text(json.dumps({"step": 50}) + "\n")
+    assert fmnist.all_checkpoints(tmp_path) == []  # periodic checkpoints only: resume, do not evaluate
+    for name in ("a", "b"):
+        with open(tmp_path / name / "log.jsonl", "a") as f:
+            f.write(json.dumps({"event": "final", "step": 300}) + "\n")
+    assert fmnist.all_checkpoints(tmp_path) == [tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"]
+    assert fmnist.all_checkpoints(tmp_path / "missing") == []
+
+
+def test_refuses_without_the_dataset(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(fmnist, "DATA", tmp_path / "nothing")
+    monkeypatch.setattr("sys.argv", ["fmnist.py", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        fmnist.main()
+    assert "apt-get install dataset-fashion-mnist" in str(exc.value)
+    assert not (tmp_path / "out").exists()
