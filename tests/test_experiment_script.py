@@ -44,6 +44,11 @@ def test_a_sweep_counts_as_finished_only_with_every_final_record(tmp_path):
             f.write(json.dumps({"event": "final", "step": 300}) + "\n")
     assert fmnist.all_checkpoints(tmp_path) == [tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"]
     assert fmnist.all_checkpoints(tmp_path / "missing") == []
+    single = tmp_path / "single"  # a one-configuration sweep keeps its files in the folder itself
+    single.mkdir()
+    (single / "config.json").write_text(json.dumps({"runs": ["only"]}))
+    (single / "log.jsonl").write_text(json.dumps({"event": "final", "step": 300}) + "\n")
+    assert fmnist.all_checkpoints(single) == [single / "ckpt.pt"]
 
 
 def test_refuses_without_the_dataset(monkeypatch, tmp_path, capsys):
