@@ -112,11 +112,45 @@ def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
                    [[LABELS[m], str(k), *[fmt(cells[(m, k)], f"probe@{b}") for b in budgets]]
                     for k in ks for m in METHODS if (m, k) in cells])
     lines.append("")
+    lines += matched_count_section(report, ks)
     lines += softk_section(out, layer, ks)
     plots = plot_layer(cells, ks, sweep, budgets, layer, dest)
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     summary = {f"{m}|k={k}": {key: agg(runs, key) for key in runs[0]} for (m, k), runs in cells.items()}
     return lines, {"chosen": chosen, "cells": summary}
+
+
+def matched_count_section(report: dict, ks: list[int]) -> list[str]:
+    """Is a regularizer's MS / purity gain more than averaging over fewer latents? For each regularized Top-k
+    model (first seed), the unregularized model's MS and purity averaged over only as many of its latents as
+    the regularized model has live, taking its most frequently firing ones."""
+    by_cell = {}
+    for ck in sorted(report["checkpoints"], key=lambda c: c["train"]["seed"]):
+        by_cell.setdefault((method(ck), ck["train"]["k"]), ck)  # the first seed of each cell
+    rows = []
+    for k in ks:
+        base = by_cell.get(("topk/none", k))
+        if base is None:
+            continue
+        lat = base["latents"]
+        ms_N, pur_N, rate_N = (np.array(lat[key], dtype=float) for key in ("ms", "purity_top", "firing_rate"))
+        live = np.isfinite(ms_N) & (rate_N > 0)
+        order = np.argsort(-rate_N[live])
+        for m in ("topk/off", "topk/ratio", "topk/both"):
+            ck = by_cell.get((m, k))
+            if ck is None:
+                continue
+            n = ck["monosemanticity"]["n_latents"]
+            top = order[:n]
+            rows.append([str(k), LABELS[m], str(n), f"{ck['monosemanticity']['mean']:.3f}",
+                         f"{np.nanmean(ms_N[live][top]):.3f}", f"{base['monosemanticity']['mean']:.3f}",
+                         f"{ck['purity']['top']['mean']:.3f}", f"{np.nanmean(pur_N[live][top]):.3f}"])
+    if not rows:
+        return []
+    return ["**Same number of latents: the unregularized model restricted to its n most frequently firing live "
+            "latents** (n = the regularized model's live latents; first seed)", "",
+            *table(["k", "regularized model", "n", "its MS", "unregularized MS, top-n", "unregularized MS, all",
+                    "its purity", "unregularized purity, top-n"], rows), ""]
 
 
 def softk_section(out: Path, layer: str, ks: list[int]) -> list[str]:
