@@ -45,6 +45,15 @@ def test_trains_and_prints_the_checkpoint(store, tmp_path):
     assert cfg["store"]["layer"] == "b" and cfg["store"]["d"] == 6
 
 
+def test_final_record_without_a_validation_split(store, tmp_path):
+    """The "final" log record marks a finished run (scripts wait for it), validation split or not."""
+    code, _, err = _run("--store", store, "--layer", "b", "--n-latents", 16, "--k", 2, "--batch-size", 64,
+                        "--steps", 3, "--val-fraction", 0, "--out", tmp_path / "r")
+    assert code == 0, err
+    last = json.loads((tmp_path / "r" / "log.jsonl").read_text().strip().splitlines()[-1])
+    assert last["event"] == "final" and last["step"] == 3 and not any(k.startswith("val_") for k in last)
+
+
 def test_missing_store(tmp_path):
     _refused(*_run("--store", tmp_path / "nope.zarr", "--out", tmp_path / "r")[::2], "no activation store")
     assert not (tmp_path / "r").exists()

@@ -267,7 +267,8 @@ class Trainer:
                 if x_val is not None:
                     m = validation_metrics(run.model, x_val, batch_size=self.cfg.batch_size, device=self.device)
                     metrics[run.spec.name].update({f"val_{k}": v for k, v in m.items()})
-                    self._log(run, {"event": "final", "step": self.step, **metrics[run.spec.name]})
+                # the last record of a finished run, with or without a validation split
+                self._log(run, {"event": "final", "step": self.step, **metrics[run.spec.name]})
         self.dist.barrier()
         return metrics
 
