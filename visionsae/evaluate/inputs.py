@@ -38,11 +38,11 @@ class Group:
     """Checkpoints of one store layer: one pass over its images serves them all.
 
     ``sibling`` is False when ``store`` is the store the checkpoints were trained on: they are evaluated on
-    their held-out images, and the probes train on the rest. It is True when ``store`` is another store of the
-    same backbone and layer (another split, e.g. test after training on train; same layer fingerprint): every
-    valid image of it is unseen, so all of them are evaluated on, and the probes train on ``probe_store``, the
-    training store, outside the held-out images (None when that store is not here or holds another dataset;
-    ``probe_skip`` says why).
+    their held-out images, and the probes train on the rest of it (``probe_store`` is ``store``). It is True
+    when ``store`` is another store of the same backbone and layer (another split, e.g. test after training
+    on train; same layer fingerprint): every valid image of it is unseen, so all of them are evaluated on, and
+    the probes train on ``probe_store``, the training store, outside the held-out images. ``probe_store`` is
+    None when that store is not here or labels another dataset; ``probe_skip`` says why.
     """
 
     store: Store
@@ -51,10 +51,6 @@ class Group:
     sibling: bool = False
     probe_store: Store | None = None
     probe_skip: str | None = None
-
-    @property
-    def probe_source(self) -> Store | None:
-        return self.probe_store if self.sibling else self.store
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,9 +100,8 @@ def group_checkpoints(checkpoints: list[Checkpoint], store_override: str | None)
                              "pass its current location with --store PATH")
         key, store = opened(path)
         sibling = check_store(ck, store)
-        probe_key, probe_store, probe_skip = None, None, None
-        if sibling:
-            probe_key, probe_store, probe_skip = _training_store(ck, store, opened)
+        probe_key, probe_store, probe_skip = (_training_store(ck, store, opened) if sibling
+                                              else (key, store, None))
         group = groups.setdefault((key, rec["layer"], sibling, probe_key),
                                   Group(store, rec["layer"], [], sibling, probe_store, probe_skip))
         group.checkpoints.append(ck)
@@ -195,9 +190,9 @@ def eval_slots(group: Group, max_images: int | None, seed: int) -> np.ndarray:
 
 
 def probe_train_slots(group: Group, held_out: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """Labelled, valid images of ``group.probe_source`` outside every held-out set, for fitting the probes
-    (sorted, capped); empty when the group has no probe source."""
-    store = group.probe_source
+    """Labelled, valid images of ``group.probe_store`` outside every held-out set, for fitting the probes
+    (sorted, capped); empty when the group has no probe store."""
+    store = group.probe_store
     if store is None:
         return np.zeros(0, dtype=np.int64)
     use = store.valid & (store.labels >= 0)

@@ -101,7 +101,7 @@ def _select_images(group: Group, cfg: EvalConfig) -> _Images:
     train = probe_train_slots(group, slots, cap, cfg.seed)
     y_eval = store.labels[slots]
     skip = ("no --probe-budgets given" if not cfg.probe_budgets else group.probe_skip
-            or probes.check_labels(group.probe_source.labels[train], y_eval[y_eval >= 0]))
+            or probes.check_labels(group.probe_store.labels[train], y_eval[y_eval >= 0]))
     return _Images(slots, other, other_slots, n_no_embedding, train, skip)
 
 
@@ -120,7 +120,7 @@ def _n_classes(*stores: Store | None) -> int:
 
 def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.device
                     ) -> tuple[GroupInfo, list[CheckpointResult]]:
-    store, info, probe_src = group.store, group.store.layer(group.layer), group.probe_source
+    store, info, probe_src = group.store, group.store.layer(group.layer), group.probe_store
     T = info.tokens_per_image
     im = _select_images(group, cfg)
     budgets = sorted(cfg.probe_budgets)
@@ -151,9 +151,9 @@ def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.dev
                 ev.update_train(x_RD)
 
     y_eval = store.labels[im.held_out]
-    y_train = probe_src.labels[im.probe_train] if probe_src is not None else np.zeros(0, dtype=np.int64)
     test = y_eval >= 0
     if im.probe_skip is None:
+        y_train = probe_src.labels[im.probe_train]
         raw = probes.fit_score(np.concatenate(raw_train), y_train, np.concatenate(raw_eval)[test], y_eval[test],
                                cfg.seed)
         chance = probes.chance_accuracy(y_train, y_eval[test])
@@ -182,7 +182,7 @@ def _group_summary(group: Group, im: _Images) -> dict:
     return {
         "store": {"path": str(store.path), "fingerprint": store.fingerprint, "format": store.format,
                   "backbone": store.backbone, "dataset": {k: v for k, v in store.dataset.items() if k != "classes"},
-                  "n_classes": _n_classes(store, group.probe_source)},
+                  "n_classes": _n_classes(store, group.probe_store)},
         "layer": {"name": info.name, "kind": info.kind, "d": info.d, "tokens_per_image": T,
                   "token_kind": info.token_kind, "dtype": info.dtype},
         "evaluated_on": (f"every valid image of {store.path}, a store of the same backbone and layer as the "
@@ -190,7 +190,7 @@ def _group_summary(group: Group, im: _Images) -> dict:
                          else "the images every checkpoint held out from training"),
         "held_out_images": int(im.held_out.size), "held_out_rows": int(im.held_out.size * T),
         "probe_train_images": int(im.probe_train.size) if im.probe_skip is None else 0,
-        "probe_train_store": str(group.probe_source.path) if group.probe_source is not None else None,
+        "probe_train_store": str(group.probe_store.path) if group.probe_store is not None else None,
         "ms_embeddings": im.other.label if im.other else f"the evaluated layer's image-level vectors ({info.name})",
         "images_without_embedding": im.n_no_embedding,
         "pooling": "per-image activation of a latent = its maximum over the image's tokens" if T > 1 else None,
