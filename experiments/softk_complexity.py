@@ -13,34 +13,17 @@ every valid image of a sibling store (same backbone and layer, e.g. the test spl
 
 import argparse
 import json
-import sys
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from visionsae.sae import load_checkpoint
-from visionsae.store import open_store
+from visionsae.errors import UserError, one_line_errors
+from visionsae.evaluate.inputs import eval_slots, group_checkpoints, load_checkpoints
+from visionsae.evaluate.metrics import code_concentration
 
 
-def inputs(meta: dict, store_path: str | None, max_images: int | None, seed: int = 0):
-    """The slots to read and the store to read them from."""
-    rec = meta["store"]
-    if store_path is None:
-        store = open_store(rec["path"])
-        slots = meta["split"]["val_slots"].numpy()
-    else:
-        store = open_store(store_path)
-        if store.layer_fingerprint(rec["layer"]) != rec.get("layer_fingerprint"):
-            sys.exit(f"error: {store_path} does not hold the layer the checkpoints were trained on (layer "
-                     "fingerprint differs): pass a store extracted with the same backbone and settings")
-        slots = np.nonzero(store.valid)[0]
-    slots = slots[store.valid[slots]]
-    if max_images is not None and slots.size > max_images:
-        slots = np.sort(np.random.default_rng(seed).choice(slots, size=max_images, replace=False))
-    return store, slots
-
-
+@one_line_errors
 def main() -> None:
     ap = argparse.ArgumentParser(description="SoftSAE per-input k against input complexity")
     ap.add_argument("softk")
@@ -49,10 +32,15 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
-    softk, meta = load_checkpoint(args.softk)
-    topk, _ = load_checkpoint(args.topk)
-    store, slots = inputs(meta, args.store, args.max_images)
-    layer = meta["store"]["layer"]
+    # sae-eval's own rules: the same store checks, and the same images (held-out or every sibling image, the
+    # same seeded subset under --max-images)
+    softk_ck, topk_ck = load_checkpoints([args.softk, args.topk], torch.device("cpu"))
+    groups = group_checkpoints([softk_ck, topk_ck], args.store)
+    if len(groups) != 1:
+        raise UserError("the two checkpoints were trained on different stores or layers: pass a matching pair")
+    group = groups[0]
+    store, layer, softk, topk = group.store, group.layer, softk_ck.model.eval(), topk_ck.model.eval()
+    slots = eval_slots(group, args.max_images, seed=0)
     T = store.layer(layer).tokens_per_image
     x_BD = torch.from_numpy(store.read_slots(layer, slots))
     labels = np.repeat(store.labels[slots], T)
@@ -62,9 +50,7 @@ def main() -> None:
             k_parts.append(softk(x).k_B.float())
             out = topk(x)
             err_parts.append((out.x_hat_BD - x).pow(2).sum(1) / x.pow(2).sum(1).clamp_min(1e-12))
-            zp_BN = out.z_BN.clamp_min(0)
-            share_BN = zp_BN.sort(1, descending=True).values.cumsum(1) / zp_BN.sum(1, keepdim=True).clamp_min(1e-12)
-            n90_parts.append((share_BN < 0.9).sum(1).float() + 1)
+            n90_parts.append(code_concentration(out.z_BN)[1])  # NaN where z has no positive entry
     k_B, rel_err_B, n90_B = (torch.cat(p).numpy() for p in (k_parts, err_parts, n90_parts))
     result = {"n_inputs": int(len(k_B)), "n_images": int(len(slots)), "k_mean": float(k_B.mean()),
               "k_std": float(k_B.std()), "k_q05": float(np.quantile(k_B, 0.05)),
@@ -73,7 +59,7 @@ def main() -> None:
           f"q05 {result['k_q05']:.1f}, q95 {result['k_q95']:.1f}")
     for name, v in (("topk_rel_error", rel_err_B), ("topk_latents_for_90pct", n90_B),
                     ("input_norm", x_BD.norm(dim=1).numpy())):
-        rho, p = spearmanr(k_B, v)
+        rho, p = spearmanr(k_B, v, nan_policy="omit")
         result["spearman"][name] = {"rho": float(rho), "p": float(p)}
         print(f"Spearman(k, {name}) = {rho:+.3f} (p = {p:.1e})")
     classes = store.classes
