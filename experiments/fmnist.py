@@ -22,6 +22,7 @@ Wall time per stage goes to OUT/times.json; each command's output to OUT/logs/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -86,31 +87,29 @@ def main() -> None:
 
 
 class Times:
-    """Wall time of each stage, kept across reruns (a skipped stage keeps the time of the run that did it)."""
+    """Wall time of each stage, kept across reruns: a stage's time is recorded only when it ran a command,
+    so a rerun that skips finished stages keeps the figures of the run that did the work."""
 
     def __init__(self, path: Path):
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {}
 
+    @contextlib.contextmanager
     def stage(self, name: str):
-        times = self
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+        t0, commands = time.perf_counter(), COMMANDS_RUN[0]
+        yield
+        if COMMANDS_RUN[0] > commands:
+            self.data[name] = round(time.perf_counter() - t0, 1)
+            self.path.write_text(json.dumps(self.data, indent=1))
 
-        class _Stage:
-            def __enter__(self):
-                print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-                self.t0 = time.perf_counter()
 
-            def __exit__(self, exc_type, *_):
-                if exc_type is None:
-                    seconds = time.perf_counter() - self.t0
-                    if seconds > 5 or name not in times.data:  # a skip takes seconds: keep the real figure
-                        times.data[name] = round(seconds, 1)
-                    times.path.write_text(json.dumps(times.data, indent=1))
-        return _Stage()
+COMMANDS_RUN = [0]  # how many commands run() has started, so Times can tell a stage that worked from a skip
 
 
 def run(cmd: list, log: Path) -> None:
     """Run one command, appending its output to ``log``; stop the experiment with its last lines if it fails."""
+    COMMANDS_RUN[0] += 1
     cmd = [str(c) for c in cmd]
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")

@@ -58,3 +58,16 @@ def test_refuses_without_the_dataset(monkeypatch, tmp_path, capsys):
         fmnist.main()
     assert "apt-get install dataset-fashion-mnist" in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_times_only_for_stages_that_ran_a_command(tmp_path):
+    times = fmnist.Times(tmp_path / "times.json")
+    with times.stage("skipped"):
+        pass
+    with times.stage("worked"):
+        fmnist.run(["true"], tmp_path / "log")
+    recorded = json.loads((tmp_path / "times.json").read_text())
+    assert list(recorded) == ["worked"] and recorded["worked"] >= 0
+    with fmnist.Times(tmp_path / "times.json").stage("worked"):  # a rerun that skips keeps the figure
+        pass
+    assert json.loads((tmp_path / "times.json").read_text()) == recorded
