@@ -54,9 +54,11 @@ def collect(report: dict) -> dict[tuple[str, int], list[dict[str, float]]]:
 
 
 def agg(runs: list[dict[str, float]], key: str) -> tuple[float, float, int]:
+    """(mean, sample std, number of seeds) of ``key`` over the runs that have it."""
     vals = np.array([r[key] for r in runs if key in r], dtype=float)
-    return (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)) if len(vals) \
-        else (float("nan"), 0.0, 0)
+    if len(vals) == 0:
+        return float("nan"), 0.0, 0
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)
 
 
 def fmt(runs: list[dict[str, float]], key: str, digits: int = 3) -> str:
