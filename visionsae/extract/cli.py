@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from visionsae.errors import UserError, one_line_errors
+from visionsae.errors import OneLineCommand, UserError, one_line_errors
 from visionsae.extract.backbones import model_choices
 from visionsae.extract.config import DTYPES, FORMATS, ExtractConfig
 from visionsae.extract.datasets import DATASETS
