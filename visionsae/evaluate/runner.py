@@ -51,9 +51,14 @@ class EvalResult:
 
 def run(cfg: EvalConfig) -> EvalResult:
     """Evaluate, then write report.json, report.md, the plots and index.html under ``cfg.out``."""
-    from visionsae.evaluate.report import write_report
-    result = evaluate(cfg)
-    write_report(result, Path(cfg.out))
+    from visionsae.evaluate.report import open_report_dir, write_report
+    cfg.validate()
+    lock = open_report_dir(Path(cfg.out))  # before any work: a bad --out fails now, not after the evaluation
+    try:
+        result = evaluate(cfg)
+        write_report(result, Path(cfg.out))
+    finally:
+        lock.release()
     return result
 
 
