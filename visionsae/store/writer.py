@@ -80,6 +80,9 @@ class StoreWriter:
             return writer
         if path.exists() or path.is_symlink():
             if mode == "new":
+                if not _is_store(path):
+                    raise StoreError(f"{path} already exists and is not a visionsae activation store: choose "
+                                     "another --out")
                 raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
             _remove_store(path)
         return _backend(spec)._new(path, spec)
@@ -341,21 +344,24 @@ def _update_attrs(zarr_json: Path, visionsae_attrs: dict[str, Any]) -> None:
     atomic_write(zarr_json, json.dumps(meta, indent=2).encode())
 
 
+def _is_store(path: Path) -> bool:
+    if path.is_dir():
+        try:
+            return "visionsae" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE and hdf5_backend.is_visionsae_h5(path)
+    return False
+
+
 def _remove_store(path: Path) -> None:
     """--overwrite removes only something that is recognisably a visionsae store."""
     if path.is_symlink():
         raise StoreError(f"{path} is a symbolic link: --overwrite does not follow it; pass the store's real path "
                          f"({os.path.realpath(path)}) or remove the link")
-    is_store = False
-    if path.is_dir():
-        try:
-            is_store = "visionsae" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            is_store = False
-    elif path.is_file():
-        with open(path, "rb") as f:
-            is_store = f.read(8) == HDF5_SIGNATURE and hdf5_backend.is_visionsae_h5(path)
-    if not is_store:
+    if not _is_store(path):
         raise StoreError(f"{path} exists and is not a visionsae activation store: refusing to overwrite it; "
                          "choose another --out")
     shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -145,6 +145,14 @@ class TrainConfig:
         if not self.softk_alpha > 0:
             raise UserError(f"--softk-alpha must be positive, got {self.softk_alpha}")
 
+    def check_memory(self, d: int, n: int, n_models: int, device_bytes: int, where: str) -> None:
+        """Refuse, before allocating anything, a run whose models and one step's activations cannot fit."""
+        need = memory_estimate(d, n, n_models, self.batch_size)
+        if need > device_bytes:
+            raise UserError(f"{n_models} model(s) of {n} latents x {d} at --batch-size {self.batch_size} need about "
+                            f"{_size(need)} ({where} has {_size(device_bytes)}): lower --batch-size, --n-latents or "
+                            "--expansion, or train fewer configurations at once")
+
     def latents_for(self, d: int) -> int:
         if self.n_latents is not None:
             return int(self.n_latents)
@@ -192,6 +200,20 @@ def expand_runs(cfg: TrainConfig) -> list[RunSpec]:
                         spec = RunSpec(arch, int(k), reg, float(b), float(g))
                         runs.setdefault(spec.name, spec)
     return list(runs.values())
+
+
+def memory_estimate(d: int, n: int, n_models: int, batch_size: int) -> int:
+    """Bytes, roughly: every model's weights with their gradients and two Adam moments (float32), plus one
+    step's dense pre-activations and their gradients (batch x latents), plus the batch itself."""
+    weights = (2 * n * d + n + d) * 4
+    return n_models * 4 * weights + 3 * batch_size * n * 4 + 4 * batch_size * d * 4
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2 ** 10:,.1f} KiB"
 
 
 def default_lr(n_latents: int) -> float:

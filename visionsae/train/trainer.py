@@ -72,6 +72,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _device_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
 def _preload_fits(cfg: TrainConfig, n_rows: int, d: int, dtype: str, device: torch.device) -> bool:
     if cfg.preload != "auto":
         return cfg.preload == "yes"
@@ -118,6 +124,7 @@ class Trainer:
                                 "--expansion / --n-latents")
         self.specs = expand_runs(cfg)
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        cfg.check_memory(self.d, self.n, len(self.specs), *_device_memory(self.device))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # before NCCL starts: one GPU per rank
         self.dist = distributed.setup(self.device.type)
