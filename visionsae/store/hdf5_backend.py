@@ -208,12 +208,19 @@ class H5WriterMixin:
         self._room("finishing the store")
         try:
             for name, attrs in layer_attrs.items():
-                _op("h5write", f"layers/{name}/mean", f[f"layers/{name}/mean"].__setitem__, slice(None), means[name])
-                _op("h5attr", f"layers/{name}", f[f"layers/{name}"].attrs.__setitem__, "visionsae", json.dumps(attrs))
+                # a finalize repeated after a crash rewrites nothing already there, so the file's bytes stay
+                # those of an uninterrupted run (HDF5 counts attribute rewrites)
+                if not np.array_equal(f[f"layers/{name}/mean"][()], means[name]):
+                    _op("h5write", f"layers/{name}/mean", f[f"layers/{name}/mean"].__setitem__, slice(None),
+                        means[name])
+                if f[f"layers/{name}"].attrs.get("visionsae") != json.dumps(attrs):
+                    _op("h5attr", f"layers/{name}", f[f"layers/{name}"].attrs.__setitem__, "visionsae",
+                        json.dumps(attrs))
             root = json.loads(f.attrs["visionsae"])
             _op("h5flush", self.path, f.flush)
-            _op("h5attr", "/", f.attrs.__setitem__, "visionsae",
-                json.dumps({**root, "complete": True, "n_skipped": n_skipped}))
+            final = json.dumps({**root, "complete": True, "n_skipped": n_skipped})
+            if f.attrs["visionsae"] != final:
+                _op("h5attr", "/", f.attrs.__setitem__, "visionsae", final)
             _op("h5flush", self.path, f.flush)
             _fsync(self.path)
         except H5_ERRORS as err:
