@@ -59,7 +59,7 @@ def _one_line_command_class():
             try:
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except click.UsageError as err:
-                name = prog_name or (err.ctx.info_name if err.ctx else None) or self.name
+                name = self.name or prog_name
                 print(f"error: {' '.join(err.format_message().split())} (see {name} --help)", file=sys.stderr)
                 sys.exit(2)
             except click.ClickException as err:

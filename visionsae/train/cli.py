@@ -27,7 +27,8 @@ def _list(kind, name):
     return parse
 
 
-@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command("sae-train", cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--store", required=True, help="Activation store written by sae-extract (Zarr directory or HDF5 file).")
 @click.option("--layer", default=None, help="Layer of the store (needed when it holds several).")
 @click.option("--arch", default="topk", callback=_list(str, "arch"), help="topk|softk|batchtopk|relu, or a list.")
