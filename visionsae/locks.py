@@ -60,8 +60,11 @@ class OutputLock:
                             "choose another --out") from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300], "what": self.what}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:  # who holds it, for the refusal message; best effort (a full disk must not stop the lock)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:
+            pass
         _held[self._key] = [fd, 1]
         self._mine = True
         return self
