@@ -1,7 +1,7 @@
 """Promise: one writer per output. A second sae-extract, sae-train or sae-eval on an output another process
 is writing is refused with one line naming that process; a lock left by a killed process is taken over.
 
-Races use real processes (the CLIs, started together); the refusals are checked against a lock held by a
+Races use real processes started together (the sae-train CLI; forked extractions); the refusals are checked against a lock held by a
 forked child, whose pid the message must name.
 """
 
@@ -21,6 +21,7 @@ import torch
 
 from visionsae.errors import UserError
 from visionsae.evaluate import EvalConfig, run
+from visionsae.extract import ExtractConfig, extract
 from visionsae.locks import OutputLock, lock_path
 from visionsae.store import StoreSpec, StoreWriter, open_store, write_array_store
 from visionsae.store.layout import LayerSpec
@@ -33,7 +34,8 @@ CASES = [
     ("sae-eval on a report directory another process writes", "one line naming its pid and host"),
     ("two sae-train CLIs (--k 2 and --k 4) started together on one --out",
      "exactly one trains; the other exits 2 with one line; the directory holds one model and its log alone"),
-    ("two sae-extract CLIs started together on one --out", "exactly one writes a whole store; the other exits 2"),
+    ("two sae-extract processes started together on one --out",
+     "exactly one writes a whole store; the other is refused with one line"),
     ("sae-train killed with SIGKILL, then --resume", "the stale lock is taken over; the run continues"),
 ]
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +76,37 @@ def _refused_naming(fn, pid: int) -> None:
         fn()
     msg = str(info.value)
     assert "\n" not in msg and f"pid {pid}" in msg and "being written by another" in msg, msg
+
+
+def _race(fns, tmp: Path) -> list[tuple[int, str]]:
+    """Start each of ``fns`` in its own forked process at once; (exit status, error message) of each:
+    0 when it returned, 2 with the message when it raised a UserError."""
+    go_r, go_w = os.pipe()
+    pids = []
+    for i, fn in enumerate(fns):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(go_w)
+            torch.set_num_threads(1)
+            os.read(go_r, 1)  # every racer waits for the start signal
+            code, msg = 0, ""
+            try:
+                fn()
+            except UserError as err:
+                code, msg = 2, str(err)
+            except BaseException as err:  # a bug: shows in the assertion
+                code, msg = 1, repr(err)
+            (tmp / f"racer-{i}.txt").write_text(msg)
+            os._exit(code)
+        pids.append(pid)
+    os.close(go_r)
+    os.write(go_w, b"x" * len(fns))
+    os.close(go_w)
+    out = []
+    for i, pid in enumerate(pids):
+        _, status = os.waitpid(pid, 0)
+        out.append((os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1, (tmp / f"racer-{i}.txt").read_text()))
+    return out
 
 
 def _cli(module: str, *args: str) -> subprocess.Popen:
@@ -127,13 +160,12 @@ def test_one_writer_per_output(store, tmp_path, case, promise):
         steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
         assert steps == sorted(steps) and steps.count(10) == 1  # one run's log, not two interleaved
     elif case.startswith("two sae-extract"):
-        args = ["--model", "timm:test_vit", "--random-init", "--limit", 16, "--images-per-shard", 4, "--workers", 0,
-                "--quiet", "--out", tmp_path / "x.zarr"]
-        procs = [_cli("visionsae.extract.cli", *args) for _ in range(2)]
-        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        cfg = ExtractConfig(model="timm:test_vit", random_init=True, model_kwargs={"img_size": 32}, limit=16,
+                            images_per_shard=4, workers=0, progress=False, out=str(tmp_path / "x.zarr"))
+        results = _race([lambda: extract(cfg)] * 2, tmp_path)
         assert sorted(code for code, _ in results) == [0, 2], results
-        err = next(e for code, e in results if code == 2).strip().splitlines()
-        assert len(err) == 1 and ("being written by another sae-extract" in err[0] or "already exists" in err[0])
+        err = next(e for code, e in results if code == 2)
+        assert "\n" not in err and ("being written by another sae-extract" in err or "already exists" in err), err
         open_store(tmp_path / "x.zarr").verify()
         assert not lock_path(tmp_path / "x.zarr").exists()  # released on exit
     elif case.startswith("sae-train killed"):
