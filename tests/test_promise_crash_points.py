@@ -197,3 +197,21 @@ def test_training_killed_at_a_save_resumes_bit_identically(tmp_path, train_store
     _train_in_process(train_store, out, resume=True)
     assert _equal(_final(out), trained)
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # the killed writer's temporaries are gone
+
+
+def test_default_saves_a_few_times_and_a_finished_run_is_left_as_is(tmp_path, train_store, monkeypatch):
+    """Without --save-every a run saves at each quarter (so any run can be resumed); --resume on a finished run
+    rewrites nothing."""
+    from visionsae.train import TrainConfig, train
+    log = tmp_path / "ops.txt"
+    monkeypatch.setenv(faults.LOG_ENV, str(log))
+    faults.reset()
+    cfg = dict(store=str(train_store), layer="e", n_latents=16, k=(2,), batch_size=16, steps=8, out=str(tmp_path / "r"),
+               progress=False)
+    train(TrainConfig(**cfg))
+    saves = [line for line in log.read_text().splitlines() if line.endswith("replace " + str(tmp_path / "r" /
+                                                                                            "trainer_state.pt"))]
+    assert len(saves) == 4  # steps 2, 4, 6 and the end
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    train(TrainConfig(**cfg, resume=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
