@@ -8,7 +8,8 @@ Layout (one configuration):          several configurations:
 ``trainer_state.pt`` holds everything the loop needs to continue exactly (every model's unfolded
 weights, optimiser moments, dead-latent counters, the step, the loader's grouping, RNG state) in ONE
 file, so the runs of a multi-configuration pass can never be saved at different steps. Every file is
-written atomically (temporary name, fsync, rename); only rank 0 writes.
+written atomically (temporary name, fsync, rename) and the .pt files carry a checksum of their contents;
+only rank 0 writes, holding the lock ``.<DIR name>.lock`` beside DIR (visionsae.locks) for the whole run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def run_dirs(out: Path, names: list[str]) -> dict[str, Path]:
 def _existing(out: Path, names: list[str]) -> list[Path]:
     own = [out / f for f in OWN_FILES] + [out / "saelens"]
     return [p for p in own + ([out / n for n in names] if len(names) > 1 else []) if p.exists()]
+
+
+def has_run_files(out: Path, names: list[str]) -> bool:
+    return bool(_existing(out, names))
 
 
 def check_out_dir(out: Path, names: list[str], *, resume: bool, overwrite: bool) -> bool:

@@ -31,9 +31,8 @@ from visionsae.train.validation import validation_metrics
 from visionsae.train.export import export_saelens
 from visionsae.train.loader import Loader, make_split
 from visionsae.train.runner import Run
-from visionsae.train.state import (_existing as _existing_run, append_log, check_out_dir, check_resumable,
-                                   clear_out_dir, load_state, prepare_out_dir, run_dirs, save_state, truncate_log,
-                                   write_json)
+from visionsae.train.state import (append_log, check_out_dir, check_resumable, clear_out_dir, has_run_files,
+                                   load_state, prepare_out_dir, run_dirs, save_state, truncate_log, write_json)
 
 INIT_SAMPLE_ROWS = 8192  # rows for the geometric-median initialisation of b_dec
 MAX_DEAD_ROWS = 10_000_000  # the LLM-scale dead threshold (Gao et al.); smaller datasets scale it down
@@ -208,8 +207,8 @@ class Trainer:
         self.saved_step = self.step
 
     def _diverged(self, name: str, what: str) -> str:
-        kept = (f"the last good checkpoint (step {self.saved_step}) is kept" if self.saved_step is not None
-                else "nothing was saved")
+        saved = self.saved_step if self.saved_step is not None else (self.state or {}).get("step")
+        kept = f"the last good checkpoint (step {saved}) is kept" if saved is not None else "nothing was saved"
         return (f"run {name} diverged at or before step {self.step} ({what}): stopped; {kept}. Lower --lr "
                 "(or --grad-clip) and rerun with --overwrite")
 
@@ -234,7 +233,7 @@ class Trainer:
                       "pass --overwrite to train it again")
             return [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
         if main and (cfg.overwrite or self.fresh):
-            if self.fresh and _existing_run(self.out, [s.name for s in self.specs]):
+            if self.fresh and has_run_files(self.out, [s.name for s in self.specs]):
                 print(f"note: nothing saved in {self.out} to resume from; starting the run afresh")
             clear_out_dir(self.out, [s.name for s in self.specs])
         if main and self.state is not None:
