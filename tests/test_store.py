@@ -178,13 +178,13 @@ def test_overwrite_refuses_what_is_not_a_store(tmp_path):
 def test_full_disk_leaves_no_shard_marked_complete(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk path is untested")
     try:
         spec = StoreSpec(**{**_spec().__dict__, "layers": (LayerSpec("e", "e", "embedding", 64, 1, "embedding"),),
                             "dataset": {"id": "toy", "root": None, "split": "train", "n_images": 400, "classes": []}})
         x = _acts(400, 64)
-        w = StoreWriter.create(mnt / "s", spec)
+        w = StoreWriter.create(mnt / "s", spec)  # holds the lock beside the store until closed
         written = []
         with pytest.raises(StoreError, match="disk is full.*--resume"):
             for s in range(w.n_shards):
@@ -195,8 +195,9 @@ def test_full_disk_leaves_no_shard_marked_complete(tmp_path):
         assert not [p for p in mnt.rglob("*.tmp-*")]  # no temporary files left behind
         meta = json.loads((mnt / "s" / "zarr.json").read_text())
         assert meta["attributes"]["visionsae"]["complete"] is False
+        w.close()
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_resume_removes_temporaries_of_a_killed_writer(tmp_path):

@@ -107,7 +107,9 @@ def test_existing_run_is_not_overwritten(store, tmp_path):
     _refused(*_run(*run, "--steps", 8, "--resume")[::2], "--steps was 4")  # resuming needs the same settings
     assert _run(*run, "--steps", 8, "--overwrite")[0] == 0
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 8
-    _refused(*_run(*run[:-1], tmp_path / "empty", "--steps", 8, "--resume")[::2], "nothing to resume")
+    # --resume with nothing saved starts the run, as sae-extract --resume does (no advice that loops)
+    assert _run(*run[:-1], tmp_path / "empty", "--steps", 8, "--resume")[0] == 0
+    assert torch.load(tmp_path / "empty" / "ckpt.pt", weights_only=True)["step"] == 8
 
 
 def test_checkpoint_evaluates_on_a_sibling_store(tmp_path):

@@ -44,3 +44,33 @@ def one_line_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line_command_class():
+    import click
+
+    class OneLineCommand(click.Command):
+        """A click command whose usage errors (unknown option, bad value, missing argument) are one line,
+        ``error: ... (see --help)``, exit status 2, like every other bad input."""
+
+        def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+            if not standalone_mode:
+                return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.UsageError as err:
+                name = self.name or prog_name
+                print(f"error: {' '.join(err.format_message().split())} (see {name} --help)", file=sys.stderr)
+                sys.exit(2)
+            except click.ClickException as err:
+                print(f"error: {' '.join(err.format_message().split())}", file=sys.stderr)
+                sys.exit(err.exit_code)
+            except click.Abort:
+                print("error: aborted", file=sys.stderr)
+                sys.exit(1)
+            sys.exit(code if isinstance(code, int) else 0)
+
+    return OneLineCommand
+
+
+OneLineCommand = _one_line_command_class()

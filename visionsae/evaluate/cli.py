@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from visionsae.errors import one_line_errors
+from visionsae.errors import OneLineCommand, one_line_errors
 from visionsae.evaluate.config import DEFAULT_OUT, EvalConfig, parse_int_list
 
 _D = EvalConfig(checkpoints=[])
@@ -14,7 +14,8 @@ def _ints(text: tuple[int, ...]) -> str:
     return ",".join(map(str, text))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command("sae-eval", cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--store", default=None, help="Activation store to read instead of the one each checkpoint records: "
               "the same store moved, or a sibling with the same backbone and layer over other images (e.g. the "

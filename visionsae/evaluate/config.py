@@ -44,6 +44,15 @@ class EvalConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def check_memory(cfg: EvalConfig, n_latents: list[int], device_bytes: int, where: str) -> None:
+    """Refuse, before allocating, tables that cannot fit: every checkpoint keeps its top images per latent
+    (value and slot, twice while merging) for the whole pass; one at a time holds a batch of dense codes."""
+    need = sum(n * cfg.top_images * 12 * 2 for n in n_latents) + max(3 * cfg.batch_rows * n * 4 for n in n_latents)
+    if need > device_bytes:
+        raise UserError(f"--top-images {cfg.top_images} and --batch-rows {cfg.batch_rows} over {sum(n_latents)} latents "
+                        f"need about {need / 2**30:,.1f} GiB ({where} has {device_bytes / 2**30:,.1f} GiB): lower them")
+
+
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     """'4,8,16' -> (4, 8, 16); an empty string -> () (e.g. no k-sweep)."""
     try:

@@ -174,6 +174,7 @@ def eval_slots(group: Group, max_images: int | None, seed: int) -> np.ndarray:
     checkpoint of the group, or, on a sibling store, every valid image."""
     store = group.store
     if group.sibling:
+        store.verify()  # every image of it is a candidate: each shard's valid flags decide
         slots = np.nonzero(store.valid)[0]
         if slots.size == 0:
             raise UserError(f"{store.path} has no valid image to evaluate on")
@@ -182,11 +183,20 @@ def eval_slots(group: Group, max_images: int | None, seed: int) -> np.ndarray:
     for ck in group.checkpoints:
         s = val_slots(ck, store.n_images)
         common = s if common is None else np.intersect1d(common, s)
+    verify_slots(store, common)  # their valid flags decide which are used
     slots = common[store.valid[common]]
     if slots.size == 0:
         names = ", ".join(str(c.path) for c in group.checkpoints)
         raise UserError(f"no valid held-out image is common to {names}: evaluate them separately")
     return _subsample(slots, max_images, seed)
+
+
+def verify_slots(store: Store, slots: np.ndarray) -> None:
+    """Check the checksums of every shard holding one of ``slots`` (all its chunks: rows, labels, index,
+    valid) before anything of them is used; a shard is checked once per opened store."""
+    slots = np.asarray(slots, dtype=np.int64)
+    for shard in np.unique(slots // store.images_per_shard):
+        store.verify_shard(int(shard))
 
 
 def probe_train_slots(group: Group, held_out: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -200,7 +210,9 @@ def probe_train_slots(group: Group, held_out: np.ndarray, cap: int, seed: int) -
         use[val_slots(ck, store.n_images)] = False
     if not group.sibling:
         use[held_out] = False
-    return _subsample(np.nonzero(use)[0], cap, seed + 1)
+    slots = _subsample(np.nonzero(use)[0], cap, seed + 1)
+    verify_slots(store, slots)
+    return slots
 
 
 def _subsample(slots: np.ndarray, cap: int | None, seed: int) -> np.ndarray:

@@ -7,29 +7,80 @@ image) is written as null.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from visionsae.errors import UserError
 from visionsae.evaluate import html, plots
+from visionsae.locks import OutputLock
 
 REPORT_FORMAT = "visionsae-eval-report"
 REPORT_VERSION = 1
 
 
+def open_report_dir(out: Path) -> OutputLock:
+    """Check ``out`` before any work, create it and lock it (one sae-eval per report directory)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a directory for the report")
+    for p in [out, *out.resolve().parents]:
+        if _is_store(p):
+            raise UserError(f"--out {out} is {'inside ' if p != out else ''}an activation store ({p}): the report "
+                            "would be written into it; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the report directory {out}: {err.strerror or err}; choose another --out") from None
+    return OutputLock(out, "sae-eval").acquire()
+
+
+def _is_store(p: Path) -> bool:
+    meta = p / "zarr.json"
+    try:
+        return meta.is_file() and "visionsae" in json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_report(result, out: Path) -> dict[str, Path]:
-    """Write every report file under ``out`` (created if needed); returns {kind: path}."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "report.json", "md": out / "report.md"}
-    doc = report_dict(result)
-    files["json"].write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
-    figures = plots.write_plots(result, out)
-    files.update(figures)
-    files["md"].write_text(markdown(doc, {k: p.name for k, p in figures.items()}))
-    files["html"] = html.write_html(result, out, {k: p.name for k, p in figures.items()})
-    return files
+    """Write every report file under ``out`` (created if needed); returns {kind: path}.
+
+    Everything is written into a temporary folder inside ``out`` first and then renamed into place,
+    report.json last: a full disk or a crash leaves the previous report whole, never an empty
+    report.json or a new one beside an old index.html."""
+    out = Path(out)
+    tmp = out / f".report.tmp-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {"json": tmp / "report.json", "md": tmp / "report.md"}
+        doc = report_dict(result)
+        files["json"].write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+        figures = plots.write_plots(result, tmp)
+        files.update(figures)
+        files["md"].write_text(markdown(doc, {k: p.name for k, p in figures.items()}))
+        files["html"] = html.write_html(result, tmp, {k: p.name for k, p in figures.items()})
+        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "report.json")  # report.json last
+        for entry in entries:
+            target = out / entry.name
+            if entry.is_dir() and target.is_dir():
+                old = tmp / f".old-{entry.name}"
+                os.replace(target, old)
+            os.replace(entry, target)
+    except OSError as err:
+        what = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise UserError(f"cannot write the report in {out} ({what}): free space or choose another --out; "
+                        "the previous report there, if any, is unchanged") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: out / p.relative_to(tmp) for k, p in files.items()}
 
 
 def report_dict(result) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from visionsae.errors import UserError
 from visionsae.evaluate import probes
-from visionsae.evaluate.config import EvalConfig
+from visionsae.evaluate.config import EvalConfig, check_memory
 from visionsae.evaluate.embeddings import OtherEmbeddings, image_vectors
 from visionsae.evaluate.inputs import (Group, eval_slots, group_checkpoints, load_checkpoints, probe_train_slots,
                                        resolve_device)
@@ -51,9 +51,14 @@ class EvalResult:
 
 def run(cfg: EvalConfig) -> EvalResult:
     """Evaluate, then write report.json, report.md, the plots and index.html under ``cfg.out``."""
-    from visionsae.evaluate.report import write_report
-    result = evaluate(cfg)
-    write_report(result, Path(cfg.out))
+    from visionsae.evaluate.report import open_report_dir, write_report
+    cfg.validate()
+    lock = open_report_dir(Path(cfg.out))  # before any work: a bad --out fails now, not after the evaluation
+    try:
+        result = evaluate(cfg)
+        write_report(result, Path(cfg.out))
+    finally:
+        lock.release()
     return result
 
 
@@ -61,6 +66,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     cfg.validate()
     device = resolve_device(cfg.device)
     checkpoints = load_checkpoints(cfg.checkpoints, device)
+    check_memory(cfg, [int(ck.config["n_latents"]) for ck in checkpoints], *_device_memory(device))
     groups = group_checkpoints(checkpoints, cfg.store)
     infos, results = [], []
     for g, group in enumerate(groups):
@@ -70,6 +76,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     order = {str(Path(p)): i for i, p in enumerate(cfg.checkpoints)}
     results.sort(key=lambda r: order.get(r.path, len(order)))
     return EvalResult(cfg, infos, results)
+
+
+def _device_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}"
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from visionsae.errors import UserError, one_line_errors
+from visionsae.errors import OneLineCommand, UserError, one_line_errors
 from visionsae.extract.backbones import model_choices
 from visionsae.extract.config import DTYPES, FORMATS, ExtractConfig
 from visionsae.extract.datasets import DATASETS
@@ -22,7 +22,8 @@ Examples:
 
 
 # Choices are checked by ExtractConfig, not click.Choice, so that a bad value is a one-line error.
-@click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("sae-extract", cls=OneLineCommand, epilog=_EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", default="efficientnet-lite0", show_default=True, help=f"One of {model_choices()}.")
 @click.option("--dataset", default="digits", show_default=True, help=f"One of {', '.join(DATASETS)}.")
 @click.option("--data-root", default=None, help="Dataset location (fashion-mnist defaults to the Debian "

@@ -1,11 +1,21 @@
 """The HDF5 form of the store (cache_layout.md section 3): same paths, contiguous datasets.
 
-Single-process: h5py holds the file open for the whole run. Each shard's rows are written, the file
-is flushed and fsynced, and only then is the shard's manifest attribute set (and flushed again).
+Single-process: h5py holds the file open for the whole run. The file is laid out under a temporary
+name and renamed into place, so a path that exists is a whole skeleton. Every dataset is allocated
+when the file is created (HDF5's early allocation), and its disk blocks are reserved then
+(``fallocate``): writing a shard's rows never grows the file, so a disk that fills up cannot hit the
+rows. What still grows the file is HDF5's metadata (the manifest records); before each metadata
+change the writer checks that the disk has room to spare, so a full disk stops the run with one line
+and leaves a file h5py opens (HDF5 has no journal: a metadata flush cut short would break it).
+Each shard's rows are written, the file is flushed and fsynced, and only then is the shard's manifest
+attribute set (and flushed again).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
 from pathlib import Path
@@ -13,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from visionsae import faults
 from visionsae.errors import StoreError
-from visionsae.store.layout import StoreSpec, crc32_of, shard_record_name, storage_dtype
+from visionsae.store.layout import (StoreSpec, crc32_of, free_bytes, mib, shard_record_name, storage_dtype)
+
+H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError)  # what h5py raises when HDF5 fails (disk full: RuntimeError)
 
 
 def is_visionsae_h5(path: Path) -> bool:
@@ -22,59 +35,131 @@ def is_visionsae_h5(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return "visionsae" in f.attrs
-    except OSError:
+    except H5_ERRORS:
         return False
 
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        faults.fsync(fd, path)
     finally:
         os.close(fd)
 
 
+def _reserve(path: Path) -> bool:
+    """Allocate disk blocks for the whole current length of ``path`` (no size change). False where the
+    file system cannot (then writes may still find the disk full); OSError(ENOSPC) when it does not fit."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or not hasattr(os, "posix_fallocate"):
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fallocate is None:
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if fallocate(fd, 0, 0, size) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise OSError(err, os.strerror(err), str(path))
+        return True
+    finally:
+        os.close(fd)
+
+
+def _op(kind: str, target: str, fn, *args):
+    return faults.operation(kind, target, fn, *args)
+
+
 class H5WriterMixin:
     """Backend methods; ``writer.H5Writer`` combines them with StoreWriter (no import cycle)."""
+
+    _reserved = False
 
     @classmethod
     def _new(cls, path: Path, spec: StoreSpec):
         import h5py
         if spec.compressed:
             raise StoreError("compressed mode is for Zarr stores; HDF5 stores stay contiguous (memory-mappable)")
+        need = spec.shard_nbytes() * spec.n_shards + spec.n_shards * _record_bytes(spec) + (1 << 20)
+        if free_bytes(path.parent) < need:
+            raise StoreError(f"the HDF5 store needs about {mib(need)} (rows and manifest) but {path.parent} has "
+                             f"{mib(free_bytes(path.parent))} free: free space or choose another --out")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        dcpl_args = dict(track_times=False, fill_time="never")
         try:
-            f = h5py.File(path, "w", track_order=True)
-        except OSError as err:
-            raise StoreError(f"cannot create the HDF5 store {path}: {err}") from None
-        f.attrs["visionsae"] = json.dumps(spec.root_attrs())
-        for name, dtype in (("index", "<i8"), ("label", "<i8"), ("valid", "u1")):
-            f.create_dataset(f"images/{name}", shape=(spec.n_images,), dtype=dtype, track_times=False)
-        for layer in spec.layers:
-            g = f.create_group(f"layers/{layer.name}", track_order=True)
-            g.attrs["visionsae"] = json.dumps(layer.attrs(spec.dtype))
-            g.create_dataset("acts", shape=(spec.n_images * layer.tokens_per_image, layer.d),
-                             dtype=storage_dtype(spec.dtype), track_times=False)
-            g.create_dataset("mean", shape=(layer.d,), dtype="<f8", track_times=False)
-        f.create_group("manifest", track_order=True)
-        f.flush()
-        writer = cls(path, spec)
-        writer._file = f
-        return writer
+            with h5py.File(tmp, "w", track_order=True) as f:
+                f.attrs["visionsae"] = json.dumps(spec.root_attrs())
+                for name, dtype in (("index", "<i8"), ("label", "<i8"), ("valid", "u1")):
+                    f.create_dataset(f"images/{name}", shape=(spec.n_images,), dtype=dtype, dcpl=_early(), **dcpl_args)
+                for layer in spec.layers:
+                    g = f.create_group(f"layers/{layer.name}", track_order=True)
+                    g.attrs["visionsae"] = json.dumps(layer.attrs(spec.dtype))
+                    g.create_dataset("acts", shape=(spec.n_images * layer.tokens_per_image, layer.d),
+                                     dtype=storage_dtype(spec.dtype), dcpl=_early(), **dcpl_args)
+                    g.create_dataset("mean", shape=(layer.d,), dtype="<f8", dcpl=_early(), **dcpl_args)
+                f.create_group("manifest", track_order=True)
+            _reserve(tmp)
+            _fsync(tmp)
+            faults.replace(tmp, path)
+        except H5_ERRORS as err:
+            tmp.unlink(missing_ok=True)
+            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+                size = spec.shard_nbytes() * spec.n_shards
+                raise StoreError(f"the HDF5 store needs about {mib(size)} but {path.parent} has "
+                                 f"{mib(free_bytes(path.parent))} free: free space or choose another --out") from None
+            raise StoreError(f"cannot create the HDF5 store {path}: {_first_line(err)}") from None
+        return cls._reopen(path, spec)
 
     @classmethod
     def _reopen(cls, path: Path, spec: StoreSpec):
         import h5py
         try:
             f = h5py.File(path, "r+")
-        except OSError as err:
-            raise StoreError(f"{path} is not a readable HDF5 store ({err}): pass --overwrite to replace it") from None
-        if "visionsae" not in f.attrs:
+        except H5_ERRORS as err:
+            raise StoreError(f"{path} is not a readable HDF5 store ({_first_line(err)}): pass --overwrite to "
+                             "replace it") from None
+        if "visionsae" not in f.attrs or "manifest" not in f:
             f.close()
             raise StoreError(f"{path} is not a visionsae activation store: refusing to write into it")
         writer = cls(path, spec)
         writer._file = f
-        writer._check_resume_attrs(json.loads(f.attrs["visionsae"]))
+        try:
+            writer._check_resume_attrs(json.loads(f.attrs["visionsae"]))
+            # early-allocated datasets (every file this writer creates): reserve their blocks again, in case the
+            # file was copied (copies are sparse)
+            if all(f[f"layers/{la.name}/acts"].id.get_offset() is not None for la in spec.layers):
+                writer._reserved = _reserve(path)
+        except OSError:
+            writer._reserved = False
+        except BaseException:
+            f.close()
+            raise
         return writer
+
+    def _room(self, what: str, extra: int = 0) -> None:
+        """Refuse before touching the file when the disk may not hold the next change: HDF5 metadata
+        written on a full disk can leave a file h5py no longer opens."""
+        need = extra + 4 * self._record_bytes() + (1 << 20)
+        free = free_bytes(self.path)
+        if free < need:
+            raise StoreError(f"the disk is full ({mib(free)} free at {self.path.parent}; {what} needs at least "
+                             f"{mib(need)}): free space, then rerun with --resume (shards already marked "
+                             "complete are kept)")
+
+    def _record_bytes(self) -> int:
+        return _record_bytes(self.spec)
+
+    def _failed(self, what: str, err: BaseException) -> StoreError:
+        text = _first_line(err)
+        hint = "free space if the disk is full, then rerun with --resume"
+        if "No space left" in str(err) or getattr(err, "errno", None) == errno.ENOSPC:
+            text, hint = "the disk is full", "free space, then rerun with --resume (shards already marked complete are kept)"
+        return StoreError(f"{what} in {self.path} failed ({text}): {hint}")
 
     def _write_chunks(self, shard, index, label, valid_u8, stored):
         f = self._file
@@ -85,21 +170,26 @@ class H5WriterMixin:
         for layer in self.spec.layers:
             T = layer.tokens_per_image
             arrays[f"/layers/{layer.name}/acts"] = (stored[layer.name], start * T, stop * T)
+        self._room(f"shard {shard}", 0 if self._reserved else sum(d.nbytes for d, _, _ in arrays.values()))
         try:
             for name, (data, a, b) in arrays.items():
-                f[name][a:b] = data
+                _op("h5write", name, f[name].__setitem__, slice(a, b), data)
                 chunks[name] = {"nbytes": int(data.nbytes), "crc32": crc32_of(data)}
-            f.flush()
+            _op("h5flush", self.path, f.flush)
             _fsync(self.path)
-        except OSError as err:
-            raise StoreError(f"writing shard {shard} to {self.path} failed ({err}): free space if the disk "
-                             "is full, then rerun with --resume") from None
+        except H5_ERRORS as err:
+            raise self._failed(f"writing shard {shard}", err) from None
         return chunks
 
     def _write_record(self, shard, record):
-        self._file["manifest"].attrs[shard_record_name(shard)] = json.dumps(record)
-        self._file.flush()
-        _fsync(self.path)
+        self._room(f"the record of shard {shard}")
+        try:
+            _op("h5attr", f"manifest/{shard_record_name(shard)}", self._file["manifest"].attrs.__setitem__,
+                shard_record_name(shard), json.dumps(record))
+            _op("h5flush", self.path, self._file.flush)
+            _fsync(self.path)
+        except H5_ERRORS as err:
+            raise self._failed(f"writing the record of shard {shard}", err) from None
 
     def _records(self):
         out = {}
@@ -107,24 +197,62 @@ class H5WriterMixin:
         for s in range(self.n_shards):
             name = shard_record_name(s)
             if name in attrs:
-                out[s] = json.loads(attrs[name])
+                try:
+                    out[s] = json.loads(attrs[name])
+                except ValueError:
+                    continue  # a damaged record counts as not written: the shard is redone on resume
         return out
 
     def _write_final(self, layer_attrs, means, n_skipped):
         f = self._file
-        for name, attrs in layer_attrs.items():
-            f[f"layers/{name}/mean"][:] = means[name]
-            f[f"layers/{name}"].attrs["visionsae"] = json.dumps(attrs)
-        root = json.loads(f.attrs["visionsae"])
-        f.flush()
-        f.attrs["visionsae"] = json.dumps({**root, "complete": True, "n_skipped": n_skipped})
-        f.flush()
-        _fsync(self.path)
+        self._room("finishing the store")
+        try:
+            for name, attrs in layer_attrs.items():
+                # a finalize repeated after a crash rewrites nothing already there, so the file's bytes stay
+                # those of an uninterrupted run (HDF5 counts attribute rewrites)
+                if not np.array_equal(f[f"layers/{name}/mean"][()], means[name]):
+                    _op("h5write", f"layers/{name}/mean", f[f"layers/{name}/mean"].__setitem__, slice(None),
+                        means[name])
+                if f[f"layers/{name}"].attrs.get("visionsae") != json.dumps(attrs):
+                    _op("h5attr", f"layers/{name}", f[f"layers/{name}"].attrs.__setitem__, "visionsae",
+                        json.dumps(attrs))
+            root = json.loads(f.attrs["visionsae"])
+            _op("h5flush", self.path, f.flush)
+            final = json.dumps({**root, "complete": True, "n_skipped": n_skipped})
+            if f.attrs["visionsae"] != final:
+                _op("h5attr", "/", f.attrs.__setitem__, "visionsae", final)
+            _op("h5flush", self.path, f.flush)
+            _fsync(self.path)
+        except H5_ERRORS as err:
+            raise self._failed("finishing the store", err) from None
 
     def close(self):
         f = getattr(self, "_file", None)
-        if f is not None and f.id.valid:
-            f.close()
+        try:
+            if f is not None and f.id.valid:
+                f.close()
+        except H5_ERRORS:
+            pass  # only after a failure already reported: everything that counts was flushed before
+        finally:
+            super().close()
+
+
+def _record_bytes(spec: StoreSpec) -> int:
+    """A generous size of one manifest record: its JSON holds every layer's d column sums."""
+    return 600 + sum(26 * layer.d for layer in spec.layers)
+
+
+def _early():
+    """Dataset creation properties: space allocated at creation (so rows never grow the file)."""
+    import h5py
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
 
 
 # --- reading -------------------------------------------------------------------------------------

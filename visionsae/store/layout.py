@@ -83,6 +83,26 @@ class StoreSpec:
         names = [layer.name for layer in self.layers]
         if not names or len(set(names)) != len(names):
             raise StoreError(f"layers must be a non-empty list of distinct names, got {names}")
+        need = self.writer_memory()
+        have = physical_memory()
+        if need > have // 2:
+            raise StoreError(f"--images-per-shard {self.images_per_shard} needs about {mib(need)} of memory to write "
+                             f"one shard ({mib(self.shard_nbytes(padded=self.format == 'zarr'))} per chunk set, up to "
+                             f"three in flight), more than half of this machine's {mib(have)}: lower "
+                             "--images-per-shard (default 1024)")
+
+    def shard_nbytes(self, padded: bool = False) -> int:
+        """Bytes of one shard's rows over every layer: a full shard, or its Zarr chunk files (which are
+        always full size, even for a short last shard)."""
+        slots = self.images_per_shard if padded else min(self.images_per_shard, self.n_images)
+        item = storage_dtype(self.dtype).itemsize
+        return sum(slots * layer.tokens_per_image * layer.d * item for layer in self.layers)
+
+    def writer_memory(self) -> int:
+        """What writing needs in memory: the shard being computed and the one being written (stored dtype),
+        their float32 statistics blocks, and a padded copy of a short last Zarr chunk."""
+        pad = self.shard_nbytes(padded=True) if self.format == "zarr" and self.n_images % self.images_per_shard else 0
+        return 3 * self.shard_nbytes() + pad
 
 
 def storage_dtype(dtype: str) -> np.dtype:
@@ -174,18 +194,53 @@ def weights_fingerprint(state_dict: Mapping[str, Any]) -> str:
 
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write under a temporary name, fsync, rename: a crash leaves either nothing or the whole file."""
+    from visionsae import faults
     from visionsae.errors import StoreError
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            faults.fsync(f.fileno(), tmp)
+        faults.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == 28:  # ENOSPC
             raise StoreError(f"the disk is full while writing {path}: free space, then rerun with --resume "
                              "(shards already marked complete are kept)") from None
-        raise
+        raise StoreError(f"cannot write {path}: {err.strerror or err}; check the --out location") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to this user on the file system holding ``path`` (its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 40

@@ -149,6 +149,7 @@ class Store:
             raise StoreError(f"shard {shard} out of range 0..{self.n_shards - 1}")
         key = (info.name, shard)
         if key not in self._maps:
+            self.verify_shard(shard)  # every reader checks a shard's chunks before its rows are used (once)
             a, b = self.shard_rows(info.name, shard)
             self._maps[key] = self._src.shard_acts(info, shard, a, b, self.images_per_shard)
         return self._maps[key]

@@ -8,16 +8,21 @@ because the spec fixes their bytes; zarr writes the metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from visionsae import faults
 from visionsae.errors import StoreError
+from visionsae.locks import OutputLock
 from visionsae.store import hdf5_backend
-from visionsae.store.layout import (HDF5_SIGNATURE, LayerSpec, StoreSpec, atomic_write, crc32_of,
+from visionsae.store.layout import (HDF5_SIGNATURE, LayerSpec, StoreSpec, atomic_write, crc32_of, fsync_dir,
                                     shard_record_name, storage_dtype, to_storage)
 
 MODES = ("new", "overwrite", "resume", "join")
@@ -37,15 +42,37 @@ class StoreWriter:
         if mode not in MODES:
             raise StoreError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = ZarrWriter if spec.format == "zarr" else H5Writer
-        if mode in ("resume", "join"):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot create the folder of {path}: {err.strerror or err}; choose another --out") from None
+        if not path.parent.is_dir():
+            raise StoreError(f"{path.parent} is not a folder: choose another --out")
+        if mode == "join":  # another rank created the store and holds its lock
             if not path.exists():
-                if mode == "resume":  # nothing to resume: start it, as a user would expect
-                    return backend._new(path, spec)
                 raise StoreError(f"{path} does not exist: the first rank must create it before others join")
-            writer = backend._reopen(path, spec)
-            if mode == "resume" and path.is_dir():
+            spec = _detect_format(path, spec)
+            return _backend(spec)._reopen(path, spec)
+        lock = OutputLock(path, "sae-extract").acquire()
+        try:
+            writer = cls._create_locked(path, spec, mode)
+        except BaseException:
+            lock.release()
+            raise
+        writer._lock = lock
+        return writer
+
+    @classmethod
+    def _create_locked(cls, path: Path, spec: StoreSpec, mode: str) -> "StoreWriter":
+        # Skeletons of creations killed before their rename: litter, as we hold the lock.
+        for tmp in path.parent.glob(f"{glob_escape(path.name)}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if mode == "resume":
+            if not path.exists():  # nothing to resume: start it, as a user would expect
+                return _backend(spec)._new(path, spec)
+            spec = _detect_format(path, spec)
+            writer = _backend(spec)._reopen(path, spec)
+            if path.is_dir():
                 # A process killed mid-chunk leaves <name>.tmp-<pid> (never a record for it): the shard
                 # is rewritten, so the leftover is litter. Not on "join": other ranks may be writing.
                 for tmp in path.rglob("*.tmp-*"):
@@ -53,9 +80,12 @@ class StoreWriter:
             return writer
         if path.exists() or path.is_symlink():
             if mode == "new":
+                if not _is_store(path):
+                    raise StoreError(f"{path} already exists and is not a visionsae activation store: choose "
+                                     "another --out")
                 raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
             _remove_store(path)
-        return backend._new(path, spec)
+        return _backend(spec)._new(path, spec)
 
     def shard_slots(self, shard: int) -> tuple[int, int]:
         start = shard * self.spec.images_per_shard
@@ -128,6 +158,7 @@ class StoreWriter:
             layer_attrs[layer.name] = {**layer.attrs(self.spec.dtype), "count": count,
                                        "mean_sq_norm": sq / max(count, 1)}
         n_skipped = sum(len(records[s]["skipped"]) for s in range(self.n_shards))
+        self._check_layout()  # `complete` is never set on a store that does not open
         self._write_final(layer_attrs, means, n_skipped)
 
     # --- backend hooks ----------------------------------------------------------------------
@@ -143,17 +174,25 @@ class StoreWriter:
     def _write_final(self, layer_attrs, means, n_skipped) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
+    def _check_layout(self) -> None:
         pass
+
+    def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
 
 class ZarrWriter(StoreWriter):
     @classmethod
     def _new(cls, path: Path, spec: StoreSpec) -> "ZarrWriter":
+        """Lay the skeleton out under a temporary name, then rename it into place: a path that exists is a
+        whole store, never the first few of its metadata files."""
         import zarr
         codecs = {"compressors": zarr.codecs.ZstdCodec(level=3) if spec.compressed else None, "filters": None}
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
-            root = zarr.open_group(str(path), mode="w-", attributes={"visionsae": spec.root_attrs()})
+            root = zarr.open_group(str(tmp), mode="w-", attributes={"visionsae": spec.root_attrs()})
             for name, dtype in (("index", "int64"), ("label", "int64"), ("valid", "uint8")):
                 root.create_array(f"images/{name}", shape=(spec.n_images,), chunks=(spec.images_per_shard,),
                                   dtype=dtype, fill_value=0, **codecs)
@@ -167,7 +206,13 @@ class ZarrWriter(StoreWriter):
                 g.create_array("mean", shape=(layer.d,), chunks=(layer.d,), dtype="float64", fill_value=0,
                                compressors=None, filters=None)
             root.create_group("manifest")
+            for meta in sorted(tmp.rglob("zarr.json")):
+                with open(meta, "rb+") as f:
+                    faults.fsync(f.fileno(), meta)
+            faults.replace(tmp, path)
+            fsync_dir(path.parent)
         except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"cannot create the store at {path}: {err.strerror or err}") from None
         return cls(path, spec)
 
@@ -179,7 +224,22 @@ class ZarrWriter(StoreWriter):
             raise StoreError(f"{path} is not a visionsae activation store: refusing to write into it")
         writer = cls(path, spec)
         writer._check_resume_attrs(attrs)
+        writer._check_layout()
         return writer
+
+    def _check_layout(self) -> None:
+        """Every metadata file of section 2 is there and parses (a store laid out by an older visionsae
+        and killed half-way is not)."""
+        names = ["images", "layers", "manifest"] + [f"images/{a}" for a in ("index", "label", "valid")]
+        for layer in self.spec.layers:
+            names += [f"layers/{layer.name}", f"layers/{layer.name}/acts", f"layers/{layer.name}/mean"]
+        for name in names:
+            f = self.path / name / "zarr.json"
+            try:
+                json.loads(f.read_text())
+            except (OSError, ValueError):
+                raise StoreError(f"{self.path} is an unfinished store skeleton ({name}/zarr.json is missing or "
+                                 "damaged): rerun sae-extract with --overwrite") from None
 
     def _write_chunks(self, shard, index, label, valid_u8, stored):
         arrays = {"images/index": index, "images/label": label, "images/valid": valid_u8}
@@ -250,6 +310,24 @@ def _shard_stats(rows_VD: np.ndarray, dtype: str) -> dict[str, Any]:
     return {"count": int(rows_VD.shape[0]), "sum": [float(v) for v in total], "sum_sq_norm": sq}
 
 
+def _backend(spec: StoreSpec) -> type[StoreWriter]:
+    return ZarrWriter if spec.format == "zarr" else H5Writer
+
+
+def _detect_format(path: Path, spec: StoreSpec) -> StoreSpec:
+    """An existing store's format is what it is on disk, whatever --format says (resume without --format hdf5)."""
+    if path.is_dir():
+        fmt = "zarr"
+    else:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head != HDF5_SIGNATURE:
+            raise StoreError(f"{path} is a file but not an HDF5 activation store: refusing to write into it; "
+                             "choose another --out")
+        fmt = "hdf5"
+    return spec if fmt == spec.format else dataclasses.replace(spec, format=fmt, compressed=False)
+
+
 def _read_json(file: Path, store: Path) -> dict[str, Any]:
     try:
         return json.loads(file.read_text())
@@ -266,18 +344,24 @@ def _update_attrs(zarr_json: Path, visionsae_attrs: dict[str, Any]) -> None:
     atomic_write(zarr_json, json.dumps(meta, indent=2).encode())
 
 
-def _remove_store(path: Path) -> None:
-    """--overwrite removes only something that is recognisably a visionsae store."""
-    is_store = False
+def _is_store(path: Path) -> bool:
     if path.is_dir():
         try:
-            is_store = "visionsae" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            is_store = False
-    elif path.is_file():
+            return "visionsae" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+    if path.is_file():
         with open(path, "rb") as f:
-            is_store = f.read(8) == HDF5_SIGNATURE and hdf5_backend.is_visionsae_h5(path)
-    if not is_store:
+            return f.read(8) == HDF5_SIGNATURE and hdf5_backend.is_visionsae_h5(path)
+    return False
+
+
+def _remove_store(path: Path) -> None:
+    """--overwrite removes only something that is recognisably a visionsae store."""
+    if path.is_symlink():
+        raise StoreError(f"{path} is a symbolic link: --overwrite does not follow it; pass the store's real path "
+                         f"({os.path.realpath(path)}) or remove the link")
+    if not _is_store(path):
         raise StoreError(f"{path} exists and is not a visionsae activation store: refusing to overwrite it; "
                          "choose another --out")
     shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from visionsae.errors import one_line_errors
+from visionsae.errors import OneLineCommand, one_line_errors
 from visionsae.train.config import DEFAULT_BETA, DEFAULT_GAMMA, TrainConfig
 
 
@@ -15,7 +15,10 @@ def _list(kind, name):
         if value is None:
             return None
         try:
-            vals = tuple(kind(v.strip()) for v in str(value).split(",") if v.strip())
+            parts = [v.strip() for v in str(value).split(",")]
+            if "" in parts:
+                raise click.BadParameter(f"has an empty item in '{value}': separate values with single commas")
+            vals = tuple(kind(v) for v in parts)
         except ValueError:
             raise click.BadParameter(f"takes a comma-separated list of {kind.__name__} values, got '{value}'") from None
         if not vals:
@@ -24,7 +27,8 @@ def _list(kind, name):
     return parse
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command("sae-train", cls=OneLineCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--store", required=True, help="Activation store written by sae-extract (Zarr directory or HDF5 file).")
 @click.option("--layer", default=None, help="Layer of the store (needed when it holds several).")
 @click.option("--arch", default="topk", callback=_list(str, "arch"), help="topk|softk|batchtopk|relu, or a list.")
@@ -45,8 +49,9 @@ def _list(kind, name):
 @click.option("--out", default=None, help="Run directory (default runs/<store>-<layer>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its trainer_state.pt.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
-@click.option("--save-every", type=int, default=1000, show_default=True,
-              help="Steps between periodic checkpoints, which a killed run resumes from (0: only at the end).")
+@click.option("--save-every", type=int, default=None,
+              help="Steps between periodic checkpoints, which a killed run resumes from (default: a quarter of the "
+              "run, at most 1000; 0: only at the end).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear LR warm-up (default min(1000, steps/10)).")
 @click.option("--decay-frac", type=float, default=0.2, show_default=True, help="Linear LR decay over this last fraction.")
 @click.option("--grad-clip", type=float, default=1.0, show_default=True)

@@ -26,6 +26,8 @@ from typing import Any
 from visionsae.errors import UserError
 
 REGS = ("none", "off", "ratio", "both")
+MAX_ROWS = 1 << 62  # the step and row counters are int64
+MAX_LATENTS = 1 << 31
 DEFAULT_BETA = 1e-5
 DEFAULT_GAMMA = 1e-3
 
@@ -51,7 +53,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     overwrite: bool = False
-    save_every: int = 1000  # steps between periodic checkpoints (what a killed run resumes from); 0: only at the end
+    save_every: int | None = None  # steps between periodic checkpoints; None: a quarter of the run, at most 1000; 0: only at the end
     warmup_steps: int | None = None  # default min(1000, steps // 10)
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
     grad_clip: float = 1.0
@@ -92,6 +94,16 @@ class TrainConfig:
                 raise UserError(f"--k must be at least 1, got {v}")
         if not self.arch or not self.k or not self.reg or not self.beta or not self.gamma:
             raise UserError("--arch, --k, --reg, --beta and --gamma each need at least one value")
+        for name in ("arch", "k", "reg", "beta", "gamma"):
+            vals = list(getattr(self, name))
+            twice = sorted({str(v) for v in vals if vals.count(v) > 1})
+            if twice:
+                raise UserError(f"--{name} lists {', '.join(twice)} more than once: give each value once")
+        for name in ("expansion", "lr", "epochs", "val_fraction", "decay_frac", "grad_clip", "auxk_coeff",
+                     "l1_coeff", "softk_alpha", "softk_weight"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
         if self.expansion is not None and self.n_latents is not None:
             raise UserError("give either --expansion or --n-latents, not both")
         if self.expansion is not None and not self.expansion > 0:
@@ -102,6 +114,9 @@ class TrainConfig:
             raise UserError("give either --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size >= 1 and (self.steps or 0) * self.batch_size >= MAX_ROWS:
+            raise UserError(f"--steps {self.steps} x --batch-size {self.batch_size} rows is beyond what the row "
+                            f"counters hold (2^62): at most {MAX_ROWS // self.batch_size - 1} steps")
         if self.epochs is not None and not self.epochs > 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.batch_size < 1:
@@ -112,9 +127,15 @@ class TrainConfig:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.resume and self.overwrite:
             raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
-        for name in ("save_every", "log_every", "buffer_mb", "prefetch"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be non-negative")
+        for name in ("save_every", "log_every", "buffer_mb", "prefetch", "warmup_steps", "stop_at_step"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {v}")
+        if self.dead_rows is not None and self.dead_rows < 1:
+            raise UserError(f"--dead-rows must be at least 1, got {self.dead_rows}")
+        if self.n_latents is not None and self.n_latents > MAX_LATENTS:
+            raise UserError(f"--n-latents {self.n_latents} is beyond any dictionary this trainer can hold "
+                            f"(at most {MAX_LATENTS})")
         if self.grad_clip <= 0 or self.auxk_coeff < 0 or not 0 <= self.decay_frac <= 1:
             raise UserError("--grad-clip must be positive, --auxk-coeff non-negative, --decay-frac in [0, 1]")
         if self.autocast not in ("auto", "bf16", "off") or self.preload not in ("auto", "yes", "no"):
@@ -123,6 +144,14 @@ class TrainConfig:
             raise UserError("--l1-coeff and --softk-weight must be non-negative")
         if not self.softk_alpha > 0:
             raise UserError(f"--softk-alpha must be positive, got {self.softk_alpha}")
+
+    def check_memory(self, d: int, n: int, n_models: int, device_bytes: int, where: str) -> None:
+        """Refuse, before allocating anything, a run whose models and one step's activations cannot fit."""
+        need = memory_estimate(d, n, n_models, self.batch_size)
+        if need > device_bytes:
+            raise UserError(f"{n_models} model(s) of {n} latents x {d} at --batch-size {self.batch_size} need about "
+                            f"{_size(need)} ({where} has {_size(device_bytes)}): lower --batch-size, --n-latents or "
+                            "--expansion, or train fewer configurations at once")
 
     def latents_for(self, d: int) -> int:
         if self.n_latents is not None:
@@ -171,6 +200,20 @@ def expand_runs(cfg: TrainConfig) -> list[RunSpec]:
                         spec = RunSpec(arch, int(k), reg, float(b), float(g))
                         runs.setdefault(spec.name, spec)
     return list(runs.values())
+
+
+def memory_estimate(d: int, n: int, n_models: int, batch_size: int) -> int:
+    """Bytes, roughly: every model's weights with their gradients and two Adam moments (float32), plus one
+    step's dense pre-activations and their gradients (batch x latents), plus the batch itself."""
+    weights = (2 * n * d + n + d) * 4
+    return n_models * 4 * weights + 3 * batch_size * n * 4 + 4 * batch_size * d * 4
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2 ** 10:,.1f} KiB"
 
 
 def default_lr(n_latents: int) -> float:

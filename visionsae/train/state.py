@@ -8,11 +8,13 @@ Layout (one configuration):          several configurations:
 ``trainer_state.pt`` holds everything the loop needs to continue exactly (every model's unfolded
 weights, optimiser moments, dead-latent counters, the step, the loader's grouping, RNG state) in ONE
 file, so the runs of a multi-configuration pass can never be saved at different steps. Every file is
-written atomically (temporary name, fsync, rename); only rank 0 writes.
+written atomically (temporary name, fsync, rename) and the .pt files carry a checksum of their contents;
+only rank 0 writes, holding the lock ``.<DIR name>.lock`` beside DIR (visionsae.locks) for the whole run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import shutil
@@ -22,8 +24,10 @@ from typing import Any
 
 import torch
 
+from visionsae import faults
 from visionsae.errors import CheckpointError, UserError
-from visionsae.sae.checkpoint import atomic_torch_save
+from visionsae.locks import OutputLock
+from visionsae.sae.checkpoint import atomic_torch_save, verify_checksum, with_checksum
 
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = "visionsae-trainer-state"
@@ -42,16 +46,50 @@ def _existing(out: Path, names: list[str]) -> list[Path]:
     return [p for p in own + ([out / n for n in names] if len(names) > 1 else []) if p.exists()]
 
 
-def check_out_dir(out: Path, names: list[str], *, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over an existing run unless asked (read-only: every rank may call it)."""
+def has_run_files(out: Path, names: list[str]) -> bool:
+    return bool(_existing(out, names))
+
+
+def check_out_dir(out: Path, names: list[str], *, resume: bool, overwrite: bool) -> bool:
+    """Refuse to write over an existing run unless asked (read-only: every rank may call it).
+
+    Returns True when the run starts fresh although --resume was given: nothing was saved yet (a run
+    killed before its first save), so there is nothing to continue, as sae-extract --resume does."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: choose a directory for the run")
     if resume:
-        if not (out / STATE_FILE).exists():
-            raise UserError(f"nothing to resume in {out} (no {STATE_FILE}): run without --resume to start a new run")
-        return
+        return not (out / STATE_FILE).exists()
     existing = _existing(out, names)
     if existing and not overwrite:
         raise UserError(f"{out} already holds a run ({existing[0].name}): pass --resume to continue it, "
                         "--overwrite to replace it, or choose another --out")
+    return False
+
+
+def prepare_out_dir(out: Path, names: list[str], dist) -> "OutputLock | None":
+    """Rank 0 locks the run directory (one writer per run) and removes what a killed writer left (its
+    temporary files); every rank learns whether that worked, so a refusal never strands a rank."""
+    error, lock = None, None
+    if dist.main:
+        try:
+            if out.exists() and not out.is_dir():
+                raise UserError(f"--out {out} is a file: choose a directory for the run")
+            lock = OutputLock(out, "sae-train").acquire()  # beside the run directory, created later
+            for d in [out] + [out / n for n in names]:
+                for tmp in d.glob(".*.tmp*") if d.is_dir() else []:
+                    tmp.unlink(missing_ok=True)
+        except UserError as err:
+            error = str(err)
+            if lock is not None:
+                lock.release()
+    if dist.world > 1:
+        import torch.distributed as tdist
+        box = [error]
+        tdist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    return lock
 
 
 def clear_out_dir(out: Path, names: list[str]) -> None:
@@ -67,25 +105,54 @@ def clear_out_dir(out: Path, names: list[str]) -> None:
             p.unlink()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        faults.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, err) from None
+
+
+def _write_error(path: Path, err: OSError) -> UserError:
+    what = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return UserError(f"cannot write {path} ({what}): free space or fix the location, then rerun with --resume "
+                     "(the last saved checkpoint is kept)")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise _write_error(path, err) from None
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after ``step`` (logged by a run killed before its next save)."""
+    """Drop log lines of steps after ``step`` (logged by a run killed before its next save), and a last line
+    cut short by the kill."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if line and json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue
+    _write_text(path, "".join(line + "\n" for line in keep))
 
 
 def save_state(out: Path, state: dict[str, Any]) -> None:
-    atomic_torch_save({"format": STATE_FORMAT, "format_version": STATE_VERSION, **state}, out / STATE_FILE)
+    atomic_torch_save(with_checksum({"format": STATE_FORMAT, "format_version": STATE_VERSION, **state}),
+                      out / STATE_FILE)
 
 
 def load_state(out: Path) -> dict[str, Any]:
@@ -100,6 +167,7 @@ def load_state(out: Path) -> dict[str, Any]:
     if state.get("format_version") != STATE_VERSION:
         raise CheckpointError(f"{path} has trainer-state version {state.get('format_version')}, this visionsae "
                               f"reads {STATE_VERSION}: start again with --overwrite")
+    verify_checksum(state, path, "trainer state")
     return state
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,8 +31,8 @@ from visionsae.train.validation import validation_metrics
 from visionsae.train.export import export_saelens
 from visionsae.train.loader import Loader, make_split
 from visionsae.train.runner import Run
-from visionsae.train.state import (check_out_dir, check_resumable, clear_out_dir, load_state, run_dirs,
-                                   save_state, truncate_log, write_json)
+from visionsae.train.state import (append_log, check_out_dir, check_resumable, clear_out_dir, has_run_files,
+                                   load_state, prepare_out_dir, run_dirs, save_state, truncate_log, write_json)
 
 INIT_SAMPLE_ROWS = 8192  # rows for the geometric-median initialisation of b_dec
 MAX_DEAD_ROWS = 10_000_000  # the LLM-scale dead threshold (Gao et al.); smaller datasets scale it down
@@ -44,6 +43,11 @@ def default_dead_rows(n_train_rows: int, total_rows: int, batch_size: int) -> in
     run), at least one batch. Three epochs is the longest one can wait on a small dataset; a tenth of
     the run keeps AuxK useful in runs shorter than that."""
     return max(batch_size, min(MAX_DEAD_ROWS, 3 * n_train_rows, total_rows // 10))
+
+
+def default_save_every(total: int) -> int:
+    """Four saves a run at least, so that any run can be resumed; at most every 1000 steps."""
+    return max(1, min(1000, math.ceil(total / 4)))
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
@@ -65,6 +69,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     elif name != "cpu":
         raise UserError(f"unknown --device '{name}': use auto, cuda, cuda:N or cpu")
     return torch.device(name)
+
+
+def _device_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
 def _preload_fits(cfg: TrainConfig, n_rows: int, d: int, dtype: str, device: torch.device) -> bool:
@@ -113,21 +123,23 @@ class Trainer:
                                 "--expansion / --n-latents")
         self.specs = expand_runs(cfg)
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        cfg.check_memory(self.d, self.n, len(self.specs), *_device_memory(self.device))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # before NCCL starts: one GPU per rank
         self.dist = distributed.setup(self.device.type)
         self.out = Path(cfg.out) if cfg.out else Path("runs") / f"{Path(cfg.store).stem}-{info.name}"
         names = [s.name for s in self.specs]
         self.dirs = run_dirs(self.out, names)
+        self.lock = prepare_out_dir(self.out, names, self.dist)  # one writer per run directory
         # Every rank checks (read-only, the same answer everywhere), so a refusal never strands a rank.
-        check_out_dir(self.out, names, resume=cfg.resume, overwrite=cfg.overwrite)
+        self.fresh = check_out_dir(self.out, names, resume=cfg.resume, overwrite=cfg.overwrite)
 
         self.scale, self.variance = _scale_and_variance(self.store, info.name)
         self.train_slots, self.val_slots = make_split(self.store, cfg.val_fraction, cfg.seed)
         self.store_id = {"path": str(Path(cfg.store).resolve()), "fingerprint": self.store.fingerprint,
                          "layer_fingerprint": self.store.layer_fingerprint(info.name), "layer": info.name,
                          "d": int(info.d)}
-        self.state = load_state(self.out) if cfg.resume else None
+        self.state = load_state(self.out) if cfg.resume and not self.fresh else None
         if self.state is not None:
             check_resumable(self.state["config"], cfg.to_dict(), self.state["store"], self.store_id)
         n_train = int(self.train_slots.size) * info.tokens_per_image
@@ -141,6 +153,8 @@ class Trainer:
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, self.total // 10)
         self.dead_rows = cfg.dead_rows or default_dead_rows(n_rows, self.total * cfg.batch_size, cfg.batch_size)
         self.lr = cfg.lr or default_lr(self.n)
+        self.save_every = cfg.save_every if cfg.save_every is not None else default_save_every(self.total)
+        self.saved_step: int | None = None
         autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
         self.runs = []
         for spec in self.specs:
@@ -172,6 +186,9 @@ class Trainer:
 
     def save(self, metrics: dict[str, dict[str, float]]) -> None:
         """Checkpoints of every run, then the trainer state; rank 0 writes, every rank waits for it."""
+        for run in self.runs:  # never replace a good checkpoint with a diverged model (weights equal on all ranks)
+            if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+                raise UserError(self._diverged(run.spec.name, "its weights are not finite"))
         if self.dist.main:
             split = {"val_slots": torch.from_numpy(self.val_slots.copy()), "val_fraction": self.cfg.val_fraction,
                      "seed": self.cfg.seed}
@@ -187,21 +204,39 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state()},
                 "runs": {run.spec.name: run.state_dict() for run in self.runs}})
         self.dist.barrier()
+        self.saved_step = self.step
+
+    def _diverged(self, name: str, what: str) -> str:
+        saved = self.saved_step if self.saved_step is not None else (self.state or {}).get("step")
+        kept = f"the last good checkpoint (step {saved}) is kept" if saved is not None else "nothing was saved"
+        return (f"run {name} diverged at or before step {self.step} ({what}): stopped; {kept}. Lower --lr "
+                "(or --grad-clip) and rerun with --overwrite")
+
+    def _check_finite(self, last: dict[str, dict[str, float]]) -> None:
+        """At logging steps, where the losses are on the host anyway: stop a run whose loss is NaN or inf."""
+        for name, rec in last.items():
+            if "loss" in rec and not math.isfinite(rec["loss"]):
+                raise UserError(self._diverged(name, f"its loss is {rec['loss']}"))
 
     def _log(self, run: Run, record: dict[str, Any]) -> None:
         if self.dist.main:
-            path = self.dirs[run.spec.name] / "log.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.dirs[run.spec.name] / "log.jsonl", record)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> list[Path]:
         cfg, main = self.cfg, self.dist.main
         stop = self.total if cfg.stop_at_step is None else min(self.total, max(cfg.stop_at_step, self.step))
-        if main and cfg.overwrite:
+        if self.state is not None and self.step >= self.total:  # a finished run is left as it is
+            self.loader.close()
+            if main:
+                print(f"{self.out} holds a finished run (step {self.step} of {self.total}): nothing to resume; "
+                      "pass --overwrite to train it again")
+            return [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
+        if main and (cfg.overwrite or self.fresh):
+            if self.fresh and has_run_files(self.out, [s.name for s in self.specs]):
+                print(f"note: nothing saved in {self.out} to resume from; starting the run afresh")
             clear_out_dir(self.out, [s.name for s in self.specs])
-        if main and cfg.resume:
+        if main and self.state is not None:
             for run in self.runs:  # a killed run may have logged steps past its last saved state
                 truncate_log(self.dirs[run.spec.name] / "log.jsonl", self.step)
         if main:
@@ -222,10 +257,11 @@ class Trainer:
                 bar.update(1)
                 if self.step % max(cfg.log_every, 1) == 0 or self.step == stop:
                     last = self._log_all(t0)
+                    self._check_finite(last)
                     first = last[self.runs[0].spec.name]
                     bar.set_postfix(loss=f"{first['loss']:.4f}", fvu=f"{first['fvu']:.4f}",
                                     l0=f"{first['l0']:.1f}", dead=f"{first['dead_frac']:.3f}")
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop:
+                if self.save_every and self.step % self.save_every == 0 and self.step < stop:
                     self.save(last)
         finally:
             bar.close()
@@ -285,8 +321,11 @@ def validation_rows(store: Store, layer: str, val_slots: np.ndarray) -> torch.Te
 
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every configuration of ``cfg``; the checkpoint paths, one per configuration."""
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         return trainer.run()
     finally:
+        if trainer is not None and trainer.lock is not None:
+            trainer.lock.release()
         distributed.teardown()
