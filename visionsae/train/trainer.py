@@ -220,6 +220,9 @@ class Trainer:
                     run.train_step(x_BD, self.step, self.total, f)
                 self.step += 1
                 bar.update(1)
+                if self.step % max(cfg.log_every, 1) == 0:
+                    for run in self.runs:
+                        run.refresh_bound()
                 if self.step % max(cfg.log_every, 1) == 0 or self.step == stop:
                     last = self._log_all(t0)
                     first = last[self.runs[0].spec.name]
