@@ -251,6 +251,8 @@ class Store:
     @cached_property
     def _records(self) -> dict[int, dict[str, Any]]:
         """The manifest, parsed once."""
+        if isinstance(self._src, _ZarrSource):
+            return self._src.records(self.n_shards)
         return self._src.records()
 
     def chunk_keys(self, shard: int, layers: list[str] | None = None) -> list[str]:
@@ -377,14 +379,23 @@ class _ZarrSource:
             return None
         return chunk[:n] if not extra else bytes(chunk[:n]) + extra
 
-    def records(self) -> dict[int, dict[str, Any]]:
+    def records(self, n_shards: int | None = None) -> dict[int, dict[str, Any]]:
+        """Every parseable record; with ``n_shards``, only the expected names are opened (no directory scan)."""
         out = {}
         manifest = self.path / "manifest"
-        for f in sorted(manifest.glob("shard-*/zarr.json")) if manifest.is_dir() else []:
+        if n_shards is None:
+            files = [(int(f.parent.name.split("-")[1]), f) for f in sorted(manifest.glob("shard-*/zarr.json"))
+                     if f.parent.name.split("-")[1].isdigit()] if manifest.is_dir() else []
+        else:
+            files = [(s, os.path.join(manifest, shard_record_name(s), "zarr.json")) for s in range(n_shards)]
+        for s, f in files:
             try:
-                out[int(f.parent.name.split("-")[1])] = json.loads(f.read_text())["attributes"]["visionsae"]
-            except (ValueError, KeyError):
+                with open(f, "rb") as fh:
+                    out[s] = json.loads(fh.read())["attributes"]["visionsae"]
+            except FileNotFoundError:
                 continue
+            except (ValueError, KeyError, TypeError):
+                continue  # a damaged record counts as missing: the shard is redone on resume
         return out
 
     def _raw(self, meta: dict[str, Any]) -> bool:
