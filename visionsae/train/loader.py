@@ -186,7 +186,8 @@ class Loader:
             staging = self._staging.get()
             try:
                 self._read_shard(s, self._as_numpy(staging))
-                with torch.cuda.stream(copy_stream):
+                # pool threads start on device 0: name the device (torchrun rank r trains on cuda:r)
+                with torch.cuda.device(self.device), torch.cuda.stream(copy_stream):
                     buf[slot * cr:(slot + 1) * cr].copy_(staging, non_blocking=True)
                     done = torch.cuda.Event()
                     done.record(copy_stream)
@@ -210,7 +211,7 @@ class Loader:
         t = torch.from_numpy(idx)
         if not self.cuda:
             return t
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             dev = t.pin_memory().to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._copy_stream)
