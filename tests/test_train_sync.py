@@ -127,3 +127,14 @@ def test_no_step_synchronises_under_cuda_sync_debug_mode(store, tmp_path, monkey
 
     guarded = _guarded_run(monkeypatch, _cfg(store, tmp_path / "run", "cuda", auxk_coeff), sync_error)
     assert len(guarded) >= 15
+
+
+def test_batch_active_of_a_dense_code_counts_per_column():
+    """Dense training codes (ReLU, BatchTopK) pass one index row expanded over the batch: the stride-0 shortcut
+    gives the set the general path gives."""
+    from visionsae.train.regularizers import batch_active
+    a_BN = torch.relu(torch.randn(6, 9, generator=torch.Generator().manual_seed(0)))
+    a_BN[:, 4] = 0
+    idx_BN = torch.arange(9).expand(6, 9)
+    dense = batch_active(idx_BN, 9, a_BN > 0)
+    assert torch.equal(dense, batch_active(idx_BN.contiguous(), 9, a_BN > 0)) and not dense[4]

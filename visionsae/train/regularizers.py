@@ -19,6 +19,8 @@ def batch_active(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | N
     # A count per unit instead of indexing with the support mask: the same set, and no host synchronisation
     hits_BK = torch.ones_like(topk_idx_BK, dtype=torch.int32) if support_BK is None else support_BK.to(torch.int32)
     counts_N = torch.zeros(n, dtype=torch.int32, device=topk_idx_BK.device)
+    if topk_idx_BK.stride(0) == 0:  # one index row for the whole batch (a dense code): count per column
+        return counts_N.index_add_(0, topk_idx_BK[0], hits_BK.sum(0, dtype=torch.int32)) > 0
     return counts_N.index_add_(0, topk_idx_BK.reshape(-1), hits_BK.reshape(-1)) > 0
 
 
