@@ -14,11 +14,13 @@ torch.set_num_threads(1)
 T, D = 2, 6
 
 
-@pytest.fixture(scope="module", params=["float32", "float16", "bfloat16"])
+@pytest.fixture(scope="module", params=[("float32", "zarr"), ("float16", "zarr"), ("bfloat16", "zarr"),
+                                        ("bfloat16", "hdf5")], ids=lambda p: "-".join(p))
 def store(tmp_path_factory, request):
+    dtype, fmt = request.param
     x = np.random.default_rng(0).standard_normal((45 * T, D)).astype(np.float32)
-    path = tmp_path_factory.mktemp("dev") / "s.zarr"
-    return write_array_store(path, {"blk": x}, tokens_per_image=T, images_per_shard=7, dtype=request.param)
+    path = tmp_path_factory.mktemp("dev") / ("s.zarr" if fmt == "zarr" else "s.h5")
+    return write_array_store(path, {"blk": x}, tokens_per_image=T, images_per_shard=7, dtype=dtype, format=fmt)
 
 
 def _batches(store, device, preload, n=12, start=0, **kw):
