@@ -78,7 +78,10 @@ def test_store_written_with_plain_zarr_reads_back(tmp_path):
         for key in (f"images/index/c/{s}", f"images/label/c/{s}", f"images/valid/c/{s}", f"layers/L0/acts/c/{s}/0"):
             blob = (path / key).read_bytes()
             chunks[key] = {"nbytes": len(blob), "crc32": zlib.crc32(blob)}
-        root.create_group(f"manifest/shard-{s:06d}", attributes={"visionsae": {"shard": s, "chunks": chunks}})
+        rows = x[s * ips * T:(s + 1) * ips * T].astype(np.float64)
+        stats = {"L0": {"count": len(rows), "sum": rows.sum(0).tolist(), "sum_sq_norm": float((rows ** 2).sum())}}
+        root.create_group(f"manifest/shard-{s:06d}", attributes={"visionsae": {"shard": s, "chunks": chunks,
+                                                                               "stats": stats}})
     root.attrs["visionsae"] = {**root_attrs, "complete": True}
 
     store = open_store(path)

@@ -86,7 +86,8 @@ class _Stop(Exception):
 
 
 class Capture:
-    """Run the backbone once per batch and return the kept rows of every tap as float32 [B, T, d]."""
+    """Run the backbone once per batch and return the kept rows of every tap as [B, T, d], in the backbone's
+    dtype (float32, or bf16 under autocast; means in float32)."""
 
     def __init__(self, bb: Backbone, taps: Sequence[Tap]):
         self.bb, self.taps = bb, list(taps)
@@ -112,16 +113,18 @@ class Capture:
         if bb.is_transformer:
             h_BLD = h.transpose(0, 1) if bb.seq_first else h
             patches_BPD = h_BLD[:, bb.n_prefix_tokens:]  # register tokens sit between class and patches
+            # Rows keep the backbone's dtype (bf16 under autocast): the store's buffer casts them once, and
+            # float32 -> float16 of a bf16 value rounds as bf16 -> float16 does. Only means are taken in float32.
             if tap.token_kind == "cls":
-                return h_BLD[:, :1].float()
+                return h_BLD[:, :1]
             if tap.token_kind == "mean":
                 return patches_BPD.float().mean(1, keepdim=True)
             if tap.token_kind == "all":
-                return torch.cat([h_BLD[:, :1], patches_BPD], 1).float()
-            return patches_BPD.float()
+                return torch.cat([h_BLD[:, :1], patches_BPD], 1)
+            return patches_BPD
         h_BHWC = h if bb.channels_last else h.permute(0, 2, 3, 1)
-        spatial_BPC = h_BHWC.flatten(1, 2).float()  # positions in row-major order
-        return spatial_BPC.mean(1, keepdim=True) if tap.token_kind == "mean" else spatial_BPC
+        spatial_BPC = h_BHWC.flatten(1, 2)  # positions in row-major order
+        return spatial_BPC.float().mean(1, keepdim=True) if tap.token_kind == "mean" else spatial_BPC
 
     @torch.no_grad()
     def __call__(self, x_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:

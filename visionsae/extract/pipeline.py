@@ -28,7 +28,7 @@ from visionsae.extract.backbones import Backbone, load_backbone
 from visionsae.extract.config import ExtractConfig
 from visionsae.extract.datasets import ImageSource, SlotImages, even_subset, open_dataset
 from visionsae.extract.layers import Capture, default_tokens, resolve_layers
-from visionsae.extract.workers import BackgroundWriter, Ranks
+from visionsae.extract.workers import BackgroundWriter, Ranks, copy_to_host
 from visionsae.store import StoreSpec, StoreWriter, open_store
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -165,7 +165,8 @@ def make_loader(plan: Plan, cfg: ExtractConfig, batches: list[tuple[int, int, in
 
 
 def forward(plan: Plan, x_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One batch through the backbone: the kept rows of every layer, float32 [B, T, d] on the device."""
+    """One batch through the backbone: the kept rows of every layer, [B, T, d] on the device, in the
+    backbone's dtype (the shard buffer casts them to the store's dtype on the device)."""
     cuda = plan.device.type == "cuda"
     amp = torch.autocast("cuda", dtype=plan.amp_dtype) if plan.amp_dtype is not None else contextlib.nullcontext()
     with torch.inference_mode(), amp:
@@ -185,6 +186,7 @@ def _run(plan: Plan, writer: StoreWriter, cfg: ExtractConfig, ranks: Ranks) -> t
     bar = tqdm(total=n_images, unit="img", disable=not cfg.progress or ranks.rank != 0, smoothing=0.1,
                desc="extract" if ranks.world == 1 else f"extract (rank 0 of {ranks.world})")
     bg = BackgroundWriter(writer)
+    copy_stream = torch.cuda.Stream(plan.device) if plan.device.type == "cuda" else None
     shard, buf, valid_parts = -1, {}, []
     try:
         for (s, a, b), (x_BCHW, ok_B, why_B) in zip(batches, loader):
@@ -205,7 +207,7 @@ def _run(plan: Plan, writer: StoreWriter, cfg: ExtractConfig, ranks: Ranks) -> t
             if b == stop:
                 pos = plan.positions[start:stop]
                 bg.submit(s, index=plan.source.indices[pos], label=plan.source.labels[pos],
-                          valid=np.concatenate(valid_parts), acts=buf)
+                          valid=np.concatenate(valid_parts), acts=copy_to_host(buf, copy_stream))
                 buf = {}
             bar.update(b - a)
     except BaseException:

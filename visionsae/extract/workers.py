@@ -38,8 +38,10 @@ class BackgroundWriter:
                 continue  # drain, so that a blocked submit() wakes up and sees the error
             shard, fields = item
             try:
-                # a GPU buffer is copied here, off the compute thread; CPU tensors pass through
-                acts = {name: t.cpu() for name, t in fields.pop("acts").items()}
+                acts = fields.pop("acts")
+                if isinstance(acts, PendingCopy):
+                    acts = acts.wait()  # the side stream's copies to pinned memory (this thread waits, not the GPU)
+                acts = {name: t.cpu() for name, t in acts.items()}  # CPU tensors pass through
                 self.writer.write_shard(shard, acts=acts, **fields)
                 self.written += 1
             except BaseException as err:  # re-raised in the caller's thread
@@ -60,6 +62,39 @@ class BackgroundWriter:
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+class PendingCopy:
+    """A shard's device buffers on their way to pinned host memory, copied on a side stream.
+
+    The compute stream never waits: the side stream waits for the compute stream's event (the shard's
+    rows are written) and copies in the stored dtype (half the bytes of float32 for float16/bfloat16);
+    the writer thread then waits for the copies' event. ``record_stream`` keeps the device buffers from
+    being reused by the allocator before the copies have read them."""
+
+    def __init__(self, acts_dev: dict[str, torch.Tensor], stream: "torch.cuda.Stream"):
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(stream.device))
+        stream.wait_event(ready)
+        self.host: dict[str, torch.Tensor] = {}
+        with torch.cuda.stream(stream):
+            for name, t in acts_dev.items():
+                self.host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                self.host[name].copy_(t, non_blocking=True)
+                t.record_stream(stream)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        self.done.synchronize()
+        return self.host
+
+
+def copy_to_host(acts: dict[str, torch.Tensor], stream: "torch.cuda.Stream | None"):
+    """Start the device-to-host copy of a finished shard (CPU tensors: nothing to copy)."""
+    if stream is None or not any(t.is_cuda for t in acts.values()):
+        return acts
+    return PendingCopy(acts, stream)
 
 
 @dataclasses.dataclass

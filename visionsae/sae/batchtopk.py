@@ -58,6 +58,8 @@ class BatchTopKSAE(DictionarySAE):
             cutoff = _global_cutoff(a_BN, self.cfg.k)
             keep_BN = (a_BN >= cutoff) & (a_BN > 0)
             self._update_threshold(a_BN.detach(), keep_BN)
+            # Dense (K = n, zeros are padding): no read-back of the widest row's count; forward decodes it densely.
+            return a_BN * keep_BN, torch.arange(a_BN.shape[1], device=a_BN.device).expand_as(a_BN), None
         else:
             thr = self.threshold.clamp_min(0)
             keep_BN = a_BN > thr
@@ -70,13 +72,17 @@ class BatchTopKSAE(DictionarySAE):
         low = kept.min().float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-        if not torch.isfinite(low):
-            return
-        if self.threshold < 0:
-            self.threshold.copy_(low)
-        else:
-            m = self.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * low)
+        # Branches as torch.where, so the step never reads the threshold back.
+        m = self.threshold_momentum
+        new = torch.where(self.threshold < 0, low, self.threshold * m + (1 - m) * low)
+        self.threshold.copy_(torch.where(torch.isfinite(low), new, self.threshold))
+
+    def forward(self, x_BD: torch.Tensor, k: int | None = None) -> SAEOutput:
+        z_BN = self.encode_pre(x_BD)
+        acts_BK, idx_BK, _ = self.sparsify(z_BN, x_BD, k)
+        if k is None and self.training:  # the dense training code: one matmul, equal to the gathered decode
+            return SAEOutput(acts_BK.to(self.W_dec.dtype) @ self.W_dec + self.b_dec, z_BN, acts_BK, idx_BK, None)
+        return SAEOutput(self.decode(acts_BK, idx_BK), z_BN, acts_BK, idx_BK, None)
 
     def support_mask(self, out: SAEOutput) -> torch.Tensor:
         return out.acts_BK > 0

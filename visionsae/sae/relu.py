@@ -38,6 +38,8 @@ class ReLUSAE(DictionarySAE):
         if k is not None:
             vals_BK, idx_BK = a_BN.topk(self._check_k(k), dim=1, sorted=False)
             return vals_BK, idx_BK, None
+        if self.training:  # dense (K = n, zeros are padding): no read-back of the widest row's count
+            return a_BN, torch.arange(a_BN.shape[1], device=a_BN.device).expand_as(a_BN), None
         K = max(int((a_BN > 0).sum(1).max()), 1)
         vals_BK, idx_BK = a_BN.topk(K, dim=1, sorted=False)
         return vals_BK, idx_BK, None

@@ -77,8 +77,14 @@ class SoftKSAE(DictionarySAE):
 
     def _hard(self, h_BN: torch.Tensor, khat_B: torch.Tensor):
         kf_B = khat_B.detach().floor().long().clamp(1, self.cfg.n_latents)
-        vals_BK, idx_BK = h_BN.topk(int(kf_B.max()), dim=1, sorted=True)
+        # Training pads to the static cap (no read-back); evaluation may read the batch's largest k back.
+        K = self._k_cap() if self.training else int(kf_B.max())
+        vals_BK, idx_BK = h_BN.topk(K, dim=1, sorted=True)
         return _keep_first(vals_BK, kf_B), idx_BK
+
+    def _k_cap(self) -> int:
+        """floor(k^) <= min(floor(k_max), n) always: a padded width known without reading k^ back."""
+        return max(1, min(int(self.k_max), self.cfg.n_latents))
 
     def sparsify(self, z_BN: torch.Tensor, x_BD: torch.Tensor, k: int | None = None):
         if k is not None:
@@ -92,13 +98,16 @@ class SoftKSAE(DictionarySAE):
         h_BN = self.encode_pre(x_BD)
         if k is not None or not self.training or self.hard:
             acts_BK, idx_BK, k_B = self.sparsify(h_BN, x_BD, k)
+            if k is None and self.training:  # hard phase: rows padded to the k cap, so one matmul beats a gather
+                x_hat_BD = self.dense_code(acts_BK, idx_BK).to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+                return SAEOutput(x_hat_BD, h_BN, acts_BK, idx_BK, k_B)
             return SAEOutput(self.decode(acts_BK, idx_BK), h_BN, acts_BK, idx_BK, k_B)
         khat_B = self.estimate_k(x_BD)
         f_BN = h_BN.float() * soft_topk_mask(h_BN.float(), khat_B, self.alpha)
         x_hat_BD = f_BN.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
         # The code reported for statistics (L0, dead latents, regularizer support): the floor(k^) largest.
         kf_B = khat_B.detach().floor().long().clamp(1, self.cfg.n_latents)
-        vals_BK, idx_BK = f_BN.topk(int(kf_B.max()), dim=1, sorted=True)
+        vals_BK, idx_BK = f_BN.topk(self._k_cap(), dim=1, sorted=True)
         return SAEOutput(x_hat_BD, h_BN, _keep_first(vals_BK, kf_B), idx_BK, khat_B)
 
     def support_mask(self, out: SAEOutput) -> torch.Tensor:

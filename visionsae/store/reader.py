@@ -3,12 +3,18 @@
 ``open_store(path)`` checks that the path is a complete store of a known format version and
 returns a ``Store``. Shards are read straight from their chunk files with ``np.memmap`` (no
 decoding) unless the store was written in compressed archive mode, where zarr decodes them.
+
+Costs are O(1) per shard, whatever the number of shards: the manifest is parsed once (on first use,
+so opening reads only the root and layer metadata), a verified chunk is never verified again, and at
+most MAX_OPEN_MAPS shard memory maps are held (each holds a file descriptor; an LRU closes the rest).
+The first use of a layer cross-checks its ``mean`` and its ``count`` / ``mean_sq_norm`` attributes
+against the per-shard statistics of the manifest, since the trainer takes its input scale from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,9 +23,14 @@ import numpy as np
 
 from visionsae.errors import StoreError
 from visionsae.store.hdf5_backend import H5Source
+from visionsae.store.zarr_source import ZarrSource
 from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, crc32_of, shard_record_name,
-                                    layer_fingerprint, storage_dtype, store_fingerprint,
+                                    layer_fingerprint, store_fingerprint,
                                     to_float32)
+
+MAX_OPEN_MAPS = 32  # shard memory maps kept open (one file descriptor each)
+IMAGE_ARRAYS = ("index", "label", "valid")
+STATS_RTOL = 1e-9  # float64 sums in another order (a plain-zarr writer) agree to far better than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +52,13 @@ def open_store(path: str | Path) -> "Store":
     if not path.exists():
         raise StoreError(f"no activation store at {path}: create one with `sae-extract --out {path}`")
     if path.is_dir():
-        source: Any = _ZarrSource(path)
+        source: Any = ZarrSource(path)
     else:
         with open(path, "rb") as f:
             head = f.read(8)
         if head != HDF5_SIGNATURE:
             raise StoreError(f"{path} is not an activation store (neither a Zarr directory nor an HDF5 file)")
-        source = H5Source(path)
+        source = _H5Reader(path)
     return Store(path, source)
 
 
@@ -72,8 +83,9 @@ class Store:
         self.dtype = attrs["dtype"]
         self.layer_names: list[str] = list(attrs["layers"])
         self._layers = {name: self._load_layer(name) for name in self.layer_names}
-        self._verified: set[int] = set()
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._stats_checked: set[str] = set()
+        self._verified: set[tuple[int, str]] = set()  # (shard, chunk key) whose checksum matched
+        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
 
     # --- metadata -----------------------------------------------------------------------------
     @property
@@ -99,15 +111,15 @@ class Store:
 
     @cached_property
     def image_index(self) -> np.ndarray:
-        return self._src.small_array("images/index").astype(np.int64)
+        return self._src.small_array("images/index", self.n_shards).astype(np.int64)
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self._src.small_array("images/label").astype(np.int64)
+        return self._src.small_array("images/label", self.n_shards).astype(np.int64)
 
     @cached_property
     def valid(self) -> np.ndarray:
-        return self._src.small_array("images/valid").astype(bool)
+        return self._src.small_array("images/valid", self.n_shards).astype(bool)
 
     def layer(self, name: str | None = None) -> LayerInfo:
         if name is None:
@@ -117,12 +129,40 @@ class Store:
             name = self.layer_names[0]
         if name not in self._layers:
             raise StoreError(f"unknown layer '{name}' in {self.path}: choose one of {', '.join(self.layer_names)}")
+        if name not in self._stats_checked:
+            self._check_stats(self._layers[name])
         return self._layers[name]
+
+    def _check_stats(self, info: LayerInfo) -> None:
+        """The layer's mean, count and mean_sq_norm must be what the manifest's per-shard sums give
+        (cache_layout.md section 5): they carry no checksum of their own, and they set the input scale."""
+        count, total, sq = 0, np.zeros(info.d, dtype=np.float64), 0.0
+        for s in range(self.n_shards):
+            st = self.record(s).get("stats", {}).get(info.name)
+            if not isinstance(st, dict) or not {"count", "sum", "sum_sq_norm"} <= st.keys():
+                raise StoreError(f"manifest record {shard_record_name(s)} of {self.path} has no statistics for "
+                                 f"layer '{info.name}': the record is damaged; delete it and rerun sae-extract --resume")
+            count += int(st["count"])
+            total += np.asarray(st["sum"], dtype=np.float64)
+            sq += float(st["sum_sq_norm"])
+        mean, msq = total / max(count, 1), sq / max(count, 1)
+        bad = None
+        if count != info.count:
+            bad = f"count {info.count} (the manifest's shards hold {count} rows)"
+        elif info.mean.shape != mean.shape or not np.allclose(info.mean, mean, rtol=STATS_RTOL,
+                                                                atol=STATS_RTOL * max(np.abs(mean).max(initial=0), 1e-30)):
+            bad = "mean array (it differs from the mean of the manifest's per-shard sums)"
+        elif not abs(info.mean_sq_norm - msq) <= STATS_RTOL * max(abs(msq), 1e-300):
+            bad = f"mean_sq_norm {info.mean_sq_norm!r} (the manifest's per-shard sums give {msq!r})"
+        if bad:
+            raise StoreError(f"layer '{info.name}' of {self.path} has a wrong {bad}: the layer statistics were "
+                             "edited or damaged; re-extract the store")
+        self._stats_checked.add(info.name)
 
     def _load_layer(self, name: str) -> LayerInfo:
         a = self._src.layer_attrs(name)
         try:
-            mean = self._src.small_array(f"layers/{name}/mean").astype(np.float64)
+            mean = self._src.small_array(f"layers/{name}/mean", 1).astype(np.float64)
             return LayerInfo(name=a["name"], source=a["source"], kind=a["kind"], d=int(a["d"]),
                              tokens_per_image=int(a["tokens_per_image"]), token_kind=a["token_kind"],
                              dtype=a["dtype"], count=int(a["count"]), mean=mean,
@@ -148,11 +188,33 @@ class Store:
         if not 0 <= shard < self.n_shards:
             raise StoreError(f"shard {shard} out of range 0..{self.n_shards - 1}")
         key = (info.name, shard)
-        if key not in self._maps:
-            self.verify_shard(shard)  # every reader checks a shard's chunks before its rows are used (once)
+        arr = self._maps.get(key)
+        if arr is None:
+            # every reader checks a shard's chunks before its rows are used (a set lookup once verified)
+            self.verify_shard(shard, layers=[info.name])
             a, b = self.shard_rows(info.name, shard)
-            self._maps[key] = self._src.shard_acts(info, shard, a, b, self.images_per_shard)
-        return self._maps[key]
+            arr = self._maps[key] = self._src.shard_acts(info, shard, a, b, self.images_per_shard)
+            if len(self._maps) > MAX_OPEN_MAPS:
+                self._maps.popitem(last=False)  # its file descriptor closes once no caller holds it
+        else:
+            self._maps.move_to_end(key)
+        return arr
+
+    def read_shard_into(self, layer: str, shard: int, out: np.ndarray) -> int:
+        """Copy shard ``shard``'s rows of ``layer`` into ``out`` (storage dtype, C-contiguous, at least
+        images_per_shard * T rows) in one sequential read, verifying the checksum on the bytes read
+        (no second read of the file). Returns the number of rows (the last shard may be short)."""
+        info = self.layer(layer)
+        a, b = self.shard_rows(info.name, shard)
+        key = self._src.acts_key(info.name, shard)
+        want = self.record(shard)["chunks"][key]
+        data = self._src.read_acts_into(info, shard, a, b, self.images_per_shard, out)
+        if data is None:
+            raise StoreError(f"{self.path} is missing the chunk file {key} of shard {shard}: re-extract that shard "
+                             f"(delete manifest record {shard_record_name(shard)} and rerun sae-extract --resume)")
+        if (shard, key) not in self._verified:
+            self._check_crc(shard, key, want, data)
+        return b - a
 
     def read_rows(self, layer: str, start: int, stop: int) -> np.ndarray:
         info = self.layer(layer)
@@ -185,94 +247,73 @@ class Store:
         return out
 
     # --- integrity ----------------------------------------------------------------------------
-    def verify_shard(self, shard: int) -> None:
-        if shard in self._verified:
-            return
-        record = self._src.records().get(shard)
-        if record is None:
+    @cached_property
+    def _records(self) -> dict[int, dict[str, Any]]:
+        """The manifest, parsed once."""
+        if isinstance(self._src, ZarrSource):
+            return self._src.records(self.n_shards)
+        return self._src.records()
+
+    def chunk_keys(self, shard: int, layers: list[str] | None = None) -> list[str]:
+        """The chunk keys a complete record of ``shard`` lists: the image arrays and each layer's acts."""
+        names = self.layer_names if layers is None else layers
+        return [self._src.image_key(n, shard) for n in IMAGE_ARRAYS] + [self._src.acts_key(n, shard) for n in names]
+
+    def record(self, shard: int) -> dict[str, Any]:
+        """Shard ``shard``'s manifest record, which must list every chunk of the shard."""
+        rec = self._records.get(shard)
+        if not isinstance(rec, dict):
             raise StoreError(f"shard {shard} of {self.path} has no manifest record: re-extract it with --resume")
-        for key, want in record["chunks"].items():
-            data = self._src.chunk_bytes_for(key, record, self)
-            if len(data) != want["nbytes"] or crc32_of(data) != want["crc32"]:
-                raise StoreError(f"shard {shard} of {self.path} fails its checksum ({key}): the file is corrupt; "
-                                 f"delete manifest record {shard_record_name(shard)} and rerun sae-extract --resume")
-        self._verified.add(shard)
+        chunks = rec.get("chunks")
+        listed = chunks if isinstance(chunks, dict) else {}
+        for key in self.chunk_keys(shard):
+            entry = listed.get(key)
+            if not (isinstance(entry, dict) and isinstance(entry.get("nbytes"), int)
+                    and isinstance(entry.get("crc32"), int)):
+                raise StoreError(f"manifest record {shard_record_name(shard)} of {self.path} does not list chunk "
+                                 f"{key} with its size and checksum: the record is damaged; delete it and rerun "
+                                 "sae-extract --resume")
+        return rec
+
+    def _check_crc(self, shard: int, key: str, want: dict[str, int], data) -> None:
+        if len(data) != want["nbytes"] or crc32_of(data) != want["crc32"]:
+            raise StoreError(f"shard {shard} of {self.path} fails its checksum ({key}): the file is corrupt; "
+                             f"delete manifest record {shard_record_name(shard)} and rerun sae-extract --resume")
+        self._verified.add((shard, key))
+
+    def verify_shard(self, shard: int, layers: list[str] | None = None) -> None:
+        """Check the checksum of every chunk of ``shard`` (or of its image arrays and ``layers`` only).
+        Each chunk is checked once per Store: a later call costs a set lookup."""
+        chunks = self.record(shard)["chunks"]
+        for key in self.chunk_keys(shard, layers):
+            if (shard, key) in self._verified:
+                continue
+            data = self._src.chunk_bytes_for(key, self._records[shard], self)
+            if data is None:
+                raise StoreError(f"{self.path} is missing the chunk file {key} of shard {shard}: re-extract that "
+                                 f"shard (delete manifest record {shard_record_name(shard)} and rerun sae-extract "
+                                 "--resume)")
+            self._check_crc(shard, key, chunks[key], data)
 
     def verify(self) -> None:
         for s in range(self.n_shards):
             self.verify_shard(s)
 
 
-class _ZarrSource:
-    def __init__(self, path: Path):
-        self.path = path
-        meta = self._json(path / "zarr.json", what="store")
-        self._attrs = meta.get("attributes", {}).get("visionsae")
-        if self._attrs is None:
-            raise StoreError(f"{path} is a directory but not a visionsae activation store (no zarr.json with "
-                             "visionsae attributes): create one with sae-extract")
+class _H5Reader(H5Source):
+    """The HDF5 source with the keys and whole-shard reads the reader needs (cache_layout.md section 3)."""
 
-    def _json(self, file: Path, what: str) -> dict[str, Any]:
-        try:
-            return json.loads(file.read_text())
-        except FileNotFoundError:
-            raise StoreError(f"{self.path} is not a visionsae activation store (no {file.relative_to(self.path)}): "
-                             "create one with sae-extract") from None
-        except (ValueError, UnicodeDecodeError):
-            raise StoreError(f"{file} is not valid JSON: the {what} metadata is damaged; re-extract with --overwrite") from None
+    def small_array(self, name: str, n_chunks: int | None = None) -> np.ndarray:
+        return super().small_array(name)
 
-    def root_attrs(self) -> dict[str, Any]:
-        return self._attrs
+    @staticmethod
+    def image_key(name: str, shard: int) -> str:
+        return f"/images/{name}"
 
-    def layer_attrs(self, name: str) -> dict[str, Any]:
-        return self._json(self.path / "layers" / name / "zarr.json", "layer")["attributes"]["visionsae"]
+    @staticmethod
+    def acts_key(layer: str, shard: int) -> str:
+        return f"/layers/{layer}/acts"
 
-    def _array_meta(self, name: str) -> dict[str, Any]:
-        return self._json(self.path / name / "zarr.json", "array")
-
-    def small_array(self, name: str) -> np.ndarray:
-        import zarr
-        return zarr.open_array(str(self.path / name), mode="r")[...]
-
-    def records(self) -> dict[int, dict[str, Any]]:
-        out = {}
-        manifest = self.path / "manifest"
-        for f in sorted(manifest.glob("shard-*/zarr.json")) if manifest.is_dir() else []:
-            try:
-                out[int(f.parent.name.split("-")[1])] = json.loads(f.read_text())["attributes"]["visionsae"]
-            except (ValueError, KeyError):
-                continue
-        return out
-
-    def _raw(self, meta: dict[str, Any]) -> bool:
-        codecs = meta.get("codecs", [])
-        return (len(codecs) == 1 and codecs[0]["name"] == "bytes"
-                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
-                and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") == "/")
-
-    def shard_acts(self, info: LayerInfo, shard: int, a: int, b: int, ips: int) -> np.ndarray:
-        name = f"layers/{info.name}/acts"
-        meta = self._array_meta(name)
-        chunk_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-        if chunk_rows != ips * info.tokens_per_image:
-            raise StoreError(f"{self.path}: {name} has chunks of {chunk_rows} rows, but cache_layout.md requires "
-                             f"images_per_shard x tokens_per_image = {ips * info.tokens_per_image}")
-        dtype = storage_dtype(info.dtype)
-        if self._raw(meta):
-            file = self.path / name / "c" / str(shard) / "0"
-            try:
-                return np.memmap(file, dtype=dtype, mode="r", shape=(chunk_rows, info.d))[: b - a]
-            except FileNotFoundError:
-                raise StoreError(f"{self.path} is missing the chunk file {file.relative_to(self.path)}: "
-                                 "re-extract that shard with --resume") from None
-            except ValueError:
-                raise StoreError(f"chunk file {file} is shorter than the spec's {chunk_rows} x {info.d} values: "
-                                 "the store is corrupt; re-extract that shard") from None
-        import zarr
-        return np.asarray(zarr.open_array(str(self.path / name), mode="r")[a:b])
-
-    def chunk_bytes_for(self, key: str, record: dict[str, Any], store: Store) -> bytes:
-        try:
-            return (self.path / key).read_bytes()
-        except FileNotFoundError:
-            return b""
+    def read_acts_into(self, info: LayerInfo, shard: int, a: int, b: int, ips: int, out: np.ndarray):
+        out[: b - a] = self.shard_acts(info, shard, a, b, ips)
+        return memoryview(out[: b - a]).cast("B")

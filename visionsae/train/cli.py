@@ -67,6 +67,9 @@ def _list(kind, name):
 @click.option("--l1-coeff", type=float, default=None, help="relu: l1 weight (default 5 / d).")
 @click.option("--softk-alpha", type=float, default=1e-4, show_default=True, help="softk: LapSum temperature.")
 @click.option("--softk-weight", type=float, default=None, help="softk: k-penalty weight (default 1 / d).")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile each model's forward (worth it on a GPU).")
+@click.option("--threads", type=int, default=None, help="CPU threads for the step (default: torch's; 1 is "
+              "fastest when other processes share the cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @one_line_errors
 def main(no_progress: bool, **kwargs) -> None:

@@ -70,6 +70,8 @@ class TrainConfig:
     softk_alpha: float = 1e-4  # softk: LapSum temperature
     softk_weight: float | None = None  # softk: k penalty weight (default 1 / d)
     progress: bool = True
+    compile: bool = False  # torch.compile the models' forward (GPU: fewer kernel launches)
+    threads: int | None = None  # CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -142,6 +144,8 @@ class TrainConfig:
             raise UserError("--autocast takes auto|bf16|off and --preload auto|yes|no")
         if self.l1_coeff is not None and self.l1_coeff < 0 or self.softk_weight is not None and self.softk_weight < 0:
             raise UserError("--l1-coeff and --softk-weight must be non-negative")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
         if not self.softk_alpha > 0:
             raise UserError(f"--softk-alpha must be positive, got {self.softk_alpha}")
 

@@ -1,12 +1,19 @@
-"""Shuffled training batches from an activation store, with mostly sequential reads.
+"""Shuffled training batches from an activation store, with sequential reads.
 
 The order of training rows is a pure function of (seed, epoch): each epoch visits the shards in a
-random order, in groups of G shards; the rows of a group are read whole (one sequential read per
-shard file, memory-mapped) and permuted together in memory with one vectorised gather per batch. The
-epochs are concatenated into one stream and batch t is rows [t*B, (t+1)*B) of it, so batches never
-run short at an epoch end and resuming at step t needs no data, only arithmetic. When the training
-rows fit in device memory (``preload``), G is every shard: the rows are loaded once and each epoch is
-one global permutation, gathered on the device.
+random order, in groups of G shards; the chunk files of a group are read whole (one sequential read
+per shard, straight into a group buffer in the stored dtype, checksummed on those same bytes) and
+permuted together with one gather per batch. The epochs are concatenated into one stream and batch t
+is rows [t*B, (t+1)*B) of it, so batches never run short at an epoch end and resuming at step t needs
+no data, only arithmetic. When the training rows fit in device memory (``preload``), the group buffer
+holds every shard: it is read once and each epoch is one global permutation.
+
+Where the work runs: on the CPU a producer thread gathers each batch with one ``index_select`` from
+the group buffer (then converts to float32 and scales it in place). On CUDA, shard files are read into
+pinned staging buffers and copied asynchronously to a device-resident group buffer (two of them: one
+consumed while the next fills); the group's permutation is computed on the host (numpy, so every
+device gets the same order) and uploaded once per group, and the gather, float conversion and scaling
+of each batch run on the device. Nothing in a steady-state step waits for the device.
 
 Validation holds out whole IMAGES (a seeded choice among the valid slots): none of their tokens is
 ever in the stream. Each rank of a distributed run takes its own slice of every batch.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,6 +34,7 @@ import torch
 
 from visionsae.errors import UserError
 from visionsae.store import Store
+from visionsae.store.layout import storage_dtype
 
 _SPLIT_KEY = 0x5A1  # separates the split's random stream from the shuffle's
 READ_THREADS = min(8, os.cpu_count() or 1)
@@ -55,8 +64,8 @@ def as_torch(arr: np.ndarray, dtype_name: str) -> torch.Tensor:
 
 @dataclass
 class Piece:
-    data: object  # np.ndarray (group buffer) or torch.Tensor (preloaded rows)
-    idx: np.ndarray  # rows of data, in stream order
+    data: torch.Tensor  # a group buffer in the stored dtype (CPU, or on the device)
+    idx: torch.Tensor  # int64 rows of data, in stream order (on data's device)
 
 
 class RowOrder:
@@ -91,6 +100,11 @@ class RowOrder:
     def perm(self, epoch: int, g: int, n: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, g + 1]).permutation(n)
 
+    def buffer_rows(self, shards: np.ndarray, slots, chunk_rows: int) -> np.ndarray:
+        """Rows of a group buffer (shard shards[i] in slot slots[i] of chunk_rows rows) holding the group's
+        training rows, in the group's order: position j of the group is buffer row buffer_rows(...)[j]."""
+        return np.concatenate([slot * chunk_rows + self.local_rows[s] for slot, s in zip(slots, shards)])
+
     def locate(self, row: int) -> tuple[int, int, int]:
         """(epoch, group, offset) of stream position ``row``."""
         epoch, rem = divmod(row, self.n_rows)
@@ -114,13 +128,17 @@ class Loader:
         if batch_size % world:
             raise UserError(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
         self.b = batch_size // world
-        itemsize = np.dtype(np.float32 if self.info.dtype == "float32" else np.uint16).itemsize
-        shard_bytes = store.images_per_shard * self.info.tokens_per_image * self.info.d * itemsize
+        self.chunk_rows = store.images_per_shard * self.info.tokens_per_image
+        self.np_dtype = storage_dtype(self.info.dtype)
+        shard_bytes = self.chunk_rows * self.info.d * self.np_dtype.itemsize
         if group_shards is None:
             group_shards = store.n_shards if preload else max(1, buffer_bytes // max(shard_bytes, 1))
         self.order = RowOrder(store, layer, train_slots, seed, group_shards)
         self.preload = preload
-        self.data: torch.Tensor | None = None
+        self.cuda = device.type == "cuda"
+        self.data: torch.Tensor | None = None  # preload: every shard, shard s in slot s
+        self._buffers: list[torch.Tensor] = []  # streaming: two group buffers, used in turn
+        self._staging: queue.Queue | None = None  # CUDA: free pinned shard buffers
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -132,30 +150,82 @@ class Loader:
     def n_rows(self) -> int:
         return self.order.n_rows
 
-    # --- reading ---------------------------------------------------------------------------
-    def _read_shard(self, s: int) -> np.ndarray:
-        """The training rows of shard s in storage dtype, checksum-verified on first full read."""
-        self.store.verify_shard(int(s))
-        arr = self.store.shard_array(self.layer, int(s))
-        rows = self.order.local_rows[s]
-        if rows.size == arr.shape[0]:
-            return np.array(arr)  # one sequential read
-        return arr[rows]
+    # --- buffers -----------------------------------------------------------------------------
+    def _empty(self, rows: int, device: torch.device, pin: bool = False) -> torch.Tensor:
+        """Rows in the stored dtype (bfloat16 as torch.bfloat16, whose bits the store's uint16 are)."""
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.info.dtype]
+        return torch.empty((rows, self.info.d), dtype=dtype, device=device, pin_memory=pin)
 
-    def _read_shards(self, shards, pool: ThreadPoolExecutor) -> np.ndarray:
-        # Shards are read and checksummed in parallel: np.array and zlib.crc32 release the GIL.
-        parts = list(pool.map(self._read_shard, shards))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    @staticmethod
+    def _as_numpy(t: torch.Tensor) -> np.ndarray:
+        """A numpy view of a CPU buffer that the store's reader can fill (bfloat16 as uint16)."""
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
 
-    def load_all(self) -> None:
-        """Preload mode: every training row, natural shard order, on the device."""
+    def _read_shard(self, s: int, out: np.ndarray) -> None:
+        """Shard s's rows into out: one sequential read, checksummed on the bytes read, and the shard's
+        image arrays verified too before any of its rows is used."""
+        self.store.read_shard_into(self.layer, int(s), out)
+        self.store.verify_shard(int(s), layers=[self.layer])
+
+    def _fill(self, buf: torch.Tensor, shards, slots, pool: ThreadPoolExecutor,
+              after: "torch.cuda.Event | None" = None) -> None:
+        """Read ``shards`` into ``buf`` (slot slots[i] for shard shards[i]); returns when the rows are there."""
+        cr = self.chunk_rows
+        if not self.cuda:
+            host = self._as_numpy(buf)
+            list(pool.map(lambda a: self._read_shard(a[1], host[a[0] * cr:(a[0] + 1) * cr]), zip(slots, shards)))
+            return
+        copy_stream = self._copy_stream
+        if after is not None:  # the previous group in this buffer has been gathered by the compute stream
+            copy_stream.wait_event(after)
+
+        def one(slot_shard):
+            slot, s = slot_shard
+            staging = self._staging.get()
+            try:
+                self._read_shard(s, self._as_numpy(staging))
+                # pool threads start on device 0: name the device (torchrun rank r trains on cuda:r)
+                with torch.cuda.device(self.device), torch.cuda.stream(copy_stream):
+                    buf[slot * cr:(slot + 1) * cr].copy_(staging, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(copy_stream)
+                _wait(done)  # polls: the staging buffer is reusable once its copy has finished
+            finally:
+                self._staging.put(staging)
+
+        list(pool.map(one, zip(slots, shards)))
+
+    def _start_cuda(self) -> None:
+        if self._staging is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._staging = queue.Queue()
+            # A shard is large (1024 images x 197 tokens x 768 fp16 = 310 MB): a few staging buffers keep
+            # the disk and the copy engine busy without pinning gigabytes of host memory.
+            for _ in range(min(READ_THREADS, 4) + 1):
+                self._staging.put(self._empty(self.chunk_rows, torch.device("cpu"), pin=True))
+
+    def _upload(self, idx: np.ndarray) -> torch.Tensor:
+        """A group's row order to the device, once per group, on the copy stream (the caller has synced it)."""
+        t = torch.from_numpy(idx)
+        if not self.cuda:
+            return t
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            dev = t.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        _wait(done)
+        dev.record_stream(self._compute_stream)
+        return dev
+
+    def load_all(self, pool: ThreadPoolExecutor) -> None:
+        """Preload mode: every shard, shard s in slot s, on the device (read once)."""
         if self.data is None:
-            with ThreadPoolExecutor(READ_THREADS) as pool:
-                rows = self._read_shards(self.order.shards, pool)
-            self.data = as_torch(rows, self.info.dtype).to(self.device)
-
-    def _to_batch(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.to(self.device, non_blocking=True).float().mul_(self.scale)
+            if self.cuda:
+                self._start_cuda()
+            self.data = self._empty(self.store.n_shards * self.chunk_rows, self.device)
+            self._fill(self.data, self.order.shards, self.order.shards, pool)
 
     # --- the stream --------------------------------------------------------------------------
     def _plan(self, start_row: int) -> Iterator[tuple[int, int, np.ndarray, int]]:
@@ -168,74 +238,91 @@ class Loader:
                 offset = 0
             epoch, g = epoch + 1, 0
 
+    def _group(self, buf: torch.Tensor, plan_item, slots, pool, after=None) -> Piece:
+        epoch, gi, shards, offset = plan_item
+        if buf is not self.data:
+            self._fill(buf, shards, slots, pool, after)
+        rows = self.order.buffer_rows(shards, slots, self.chunk_rows)
+        return Piece(buf, self._upload(rows[self.order.perm(epoch, gi, rows.size)[offset:]]))
+
     def _pieces(self, start_row: int, read_ahead: bool = True) -> Iterator[Piece]:
-        """Stream order from ``start_row`` on, as (data, row indices) pieces, group after group."""
+        """Stream order from ``start_row`` on, as (buffer, row indices) pieces, group after group.
+
+        Callers gather every row of a piece before asking for the next one: the buffer of group g is
+        refilled with group g + 2 only then."""
         plan = self._plan(start_row)
-        if self.preload:
-            self.load_all()
-            for epoch, gi, shards, offset in plan:
-                # Group-local position -> row of the preloaded array.
-                base = np.concatenate([self.order.offsets[s] + np.arange(self.order.counts[s]) for s in shards])
-                yield Piece(self.data, base[self.order.perm(epoch, gi, base.size)[offset:]])
-        # Streaming: the next group is read while this one is consumed (two group buffers in memory).
         readers, ahead = ThreadPoolExecutor(READ_THREADS), ThreadPoolExecutor(1)
+        if self.cuda:
+            self._start_cuda()
+            self._compute_stream = torch.cuda.current_stream(self.device)
         try:
-            nxt = next(plan)
-            fut = ahead.submit(self._read_shards, nxt[2], readers)
+            if self.preload:
+                self.load_all(readers)
+                for item in plan:
+                    yield self._group(self.data, item, item[2], readers)
+            if not self._buffers:
+                rows = self.order.group_shards * self.chunk_rows
+                self._buffers = [self._empty(rows, self.device) for _ in range(2)]
+            g = 0
+
+            def submit(item, g):
+                after = None
+                if self.cuda:  # the compute stream's gathers from this buffer's last group come first
+                    after = torch.cuda.Event()
+                    after.record(self._compute_stream)
+                return ahead.submit(self._group, self._buffers[g % 2], item, range(len(item[2])), readers, after)
+
+            fut = submit(next(plan), g)
             while True:
-                (epoch, gi, _, offset), data = nxt, fut.result()
-                if read_ahead:
-                    nxt = next(plan)
-                    fut = ahead.submit(self._read_shards, nxt[2], readers)
-                yield Piece(data, self.order.perm(epoch, gi, data.shape[0])[offset:])
+                piece = fut.result()
+                g += 1
+                if read_ahead:  # the other buffer's group has been gathered whole: refill it
+                    fut = submit(next(plan), g)
+                yield piece
                 if not read_ahead:
-                    nxt = next(plan)
-                    fut = ahead.submit(self._read_shards, nxt[2], readers)
+                    fut = submit(next(plan), g)
         finally:
-            ahead.shutdown(wait=False, cancel_futures=True)
-            readers.shutdown(wait=False, cancel_futures=True)
+            ahead.shutdown(wait=True, cancel_futures=True)
+            readers.shutdown(wait=True, cancel_futures=True)
 
-    def _batches_of(self, start_step: int) -> Iterator[torch.Tensor]:
-        """This rank's rows of every global batch from ``start_step`` on (CPU tensors, or device when preloaded)."""
-        lo, hi = self.rank * self.b, (self.rank + 1) * self.b
-        pending: list[Piece] = []
-        have = 0
-        for piece in self._pieces(start_step * self.B):
-            pos = 0
-            while pos < piece.idx.size:
-                take = min(self.B - have, piece.idx.size - pos)
-                pending.append(Piece(piece.data, piece.idx[pos:pos + take]))
-                have += take
-                pos += take
-                if have == self.B:
-                    yield self._gather(pending, lo, hi)
-                    pending, have = [], 0
+    def _gather_into(self, out_RD: torch.Tensor, data: torch.Tensor, idx: torch.Tensor) -> None:
+        """out = scale * float32(data[idx]): one gather (into out itself for float32 stores)."""
+        if data.dtype == torch.float32:
+            torch.index_select(data, 0, idx, out=out_RD)
+        else:
+            out_RD.copy_(torch.index_select(data, 0, idx))
+        out_RD.mul_(self.scale)
 
-    def _gather(self, pieces: list[Piece], lo: int, hi: int) -> torch.Tensor:
-        out, start = [], 0
-        for p in pieces:
-            a, b = max(lo - start, 0), min(hi - start, p.idx.size)
-            if a < b:
-                sel = p.idx[a:b]
-                if isinstance(p.data, torch.Tensor):
-                    out.append(p.data[torch.from_numpy(sel).to(p.data.device)])
-                else:
-                    out.append(as_torch(p.data[sel], self.info.dtype))
-            start += p.idx.size
-        return out[0] if len(out) == 1 else torch.cat(out)
+    def _batches_of(self, start_row: int, B: int, lo: int, hi: int, read_ahead: bool = True
+                    ) -> Iterator[torch.Tensor]:
+        """Rows [lo, hi) of every B-row batch of the stream from ``start_row`` on, scaled float32 on the device."""
+        out, have = None, 0
+        for piece in self._pieces(start_row, read_ahead):
+            pos, n = 0, piece.idx.shape[0]
+            while pos < n:
+                take = min(B - have, n - pos)
+                a, c = max(lo, have), min(hi, have + take)  # this rank's part of these positions
+                if a < c:
+                    if out is None:
+                        out = torch.empty((hi - lo, self.info.d), dtype=torch.float32, device=self.device)
+                    self._gather_into(out[a - lo:c - lo], piece.data, piece.idx[pos + a - have:pos + c - have])
+                have, pos = have + take, pos + take
+                if have == B:
+                    yield out
+                    out, have = None, 0
 
     def batches(self, start_step: int = 0) -> Iterator[torch.Tensor]:
         """Scaled float32 batches [B / world, d] on the device, forever, from global step ``start_step``."""
-        if self.preload:
-            for rows in self._batches_of(start_step):
-                yield self._to_batch(rows)
+        lo, hi = self.rank * self.b, (self.rank + 1) * self.b
+        if self.cuda or self.preload:  # gathers on the device are queued, not waited for: no thread needed
+            yield from self._batches_of(start_step * self.B, self.B, lo, hi)
             return
-        yield from self._threaded(start_step)
+        yield from self._threaded(self._batches_of(start_step * self.B, self.B, lo, hi))
 
-    def _threaded(self, start_step: int) -> Iterator[torch.Tensor]:
+    def _threaded(self, source: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """CPU streaming: a producer thread reads and gathers ahead of the training step."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._stop.clear()
-        pin = self.device.type == "cuda"
 
         def put(item) -> bool:
             """Queue ``item`` unless asked to stop meanwhile; False when stopping."""
@@ -249,12 +336,13 @@ class Loader:
 
         def produce():
             try:
-                for rows in self._batches_of(start_step):
-                    # On a GPU the device converts (half the bytes cross the bus); on a CPU this thread does.
-                    if not put(rows.pin_memory() if pin else self._to_batch(rows)):
+                for batch in source:
+                    if not put(batch):
                         return
             except BaseException as err:  # handed to the consumer, which raises it
                 put(err)
+            finally:
+                source.close()
 
         self._thread = threading.Thread(target=produce, name="visionsae-loader", daemon=True)
         self._thread.start()
@@ -263,24 +351,27 @@ class Loader:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield self._to_batch(item) if pin else item
+                yield item
         finally:
             self.close()
 
     def sample(self, n: int) -> torch.Tensor:
         """The first n rows of the stream (all ranks get the same rows): data for initialisation."""
         n = min(n, self.n_rows)
-        pieces, have = [], 0
-        for piece in self._pieces(0, read_ahead=False):
-            take = piece.idx[: n - have]
-            pieces.append(Piece(piece.data, take))
-            have += take.size
-            if have == n:
-                break
-        return self._to_batch(self._gather(pieces, 0, n))
+        source = self._batches_of(0, n, 0, n, read_ahead=False)
+        try:
+            return next(source)
+        finally:
+            source.close()
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._thread = None
+
+
+def _wait(event: "torch.cuda.Event") -> None:
+    """Wait for a copy by polling: a blocking event wait would count as a host sync (and block the GIL holder)."""
+    while not event.query():
+        time.sleep(5e-5)

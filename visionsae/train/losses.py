@@ -23,26 +23,32 @@ def normalized_mse(x_hat_BD: torch.Tensor, x_BD: torch.Tensor, variance: float) 
 
 
 def auxk_loss(model: SparseAutoencoder, z_BN: torch.Tensor, residual_BD: torch.Tensor, dead_N: torch.Tensor,
-              n_dead: int, k_aux: int) -> torch.Tensor:
+              k_aux: int) -> torch.Tensor:
     """Dead latents reconstruct the (detached) residual x - x_hat (Gao et al. 2024, appendix A.2).
 
     The k_aux largest pre-activations among dead latents, ReLU'd, decoded WITHOUT b_dec (the residual
     has no offset to model), squared error normalised by the residual's variance, and scaled by
     min(n_dead / k_aux, 1) so a handful of dead latents gets a proportionally small push.
+
+    No host synchronisation: k_aux is fixed and the number of dead latents stays a tensor. With fewer
+    than k_aux dead latents the surplus picks are -inf, ReLU'd to exactly 0: they add nothing to the
+    reconstruction and get no gradient, so the value equals a Top-min(k_aux, n_dead) over the dead ones
+    (and is 0 when none is dead).
     """
     e_BD = residual_BD.detach().float()
-    k_eff = min(k_aux, n_dead)
-    masked_BN = torch.where(dead_N[None, :], z_BN, torch.full_like(z_BN, float("-inf")))
-    vals_BK, idx_BK = masked_BN.topk(k_eff, dim=1, sorted=False)
+    masked_BN = z_BN.masked_fill(~dead_N[None, :], float("-inf"))
+    vals_BK, idx_BK = masked_BN.topk(min(k_aux, z_BN.shape[1]), dim=1, sorted=False)
     e_hat_BD = model.decode_latents(vals_BK.relu(), idx_BK).float()
     err = (e_hat_BD - e_BD).pow(2).sum(1).mean()
     # The residual's variance over the whole batch (all ranks); it is detached, so no gradient path.
-    stats = torch.cat([e_BD.sum(0), e_BD.pow(2).sum().reshape(1), e_BD.new_tensor([e_BD.shape[0]])])
+    rows = torch.full((1,), float(e_BD.shape[0]), dtype=e_BD.dtype, device=e_BD.device)  # a fill, no upload
+    stats = torch.cat([e_BD.sum(0), e_BD.pow(2).sum().reshape(1), rows])
     if _distributed():
         dist.all_reduce(stats)
     n = stats[-1]
     var = stats[-2] / n - (stats[:-2] / n).pow(2).sum()
-    return min(n_dead / k_aux, 1.0) * err / var.clamp_min(1e-12)
+    scale = (dead_N.sum() / k_aux).clamp_max(1.0)
+    return scale * err / var.clamp_min(1e-12)
 
 
 def global_active(active_N: torch.Tensor) -> torch.Tensor:
@@ -60,4 +66,5 @@ def batch_stats(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, acts_BK: torch.Tenso
     x_hat = x_hat_BD.float()
     sse = (x_hat - x_BD).pow(2).sum()
     tot = (x_BD - x_BD.mean(0)).pow(2).sum()
-    return torch.stack([sse, tot, (acts_BK > 0).sum().float(), x_BD.new_tensor(float(x_BD.shape[0]))])
+    rows = torch.full((), float(x_BD.shape[0]), dtype=sse.dtype, device=sse.device)  # a fill, no upload
+    return torch.stack([sse, tot, (acts_BK > 0).sum().float(), rows])

@@ -16,10 +16,12 @@ import torch
 
 def batch_active(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None = None) -> torch.Tensor:
     """A as a bool mask [n]: units in the Top-k support of at least one input."""
-    active_N = torch.zeros(n, dtype=torch.bool, device=topk_idx_BK.device)
-    idx = topk_idx_BK if support_BK is None else topk_idx_BK[support_BK]
-    active_N[idx.reshape(-1)] = True
-    return active_N
+    # A count per unit instead of indexing with the support mask: the same set, and no host synchronisation
+    hits_BK = torch.ones_like(topk_idx_BK, dtype=torch.int32) if support_BK is None else support_BK.to(torch.int32)
+    counts_N = torch.zeros(n, dtype=torch.int32, device=topk_idx_BK.device)
+    if topk_idx_BK.stride(0) == 0:  # one index row for the whole batch (a dense code): count per column
+        return counts_N.index_add_(0, topk_idx_BK[0], hits_BK.sum(0, dtype=torch.int32)) > 0
+    return counts_N.index_add_(0, topk_idx_BK.reshape(-1), hits_BK.reshape(-1)) > 0
 
 
 def _support_mask(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None) -> torch.Tensor:

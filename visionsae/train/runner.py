@@ -2,6 +2,12 @@
 
 The step is the same for every variant; what differs lives behind the model's hooks (begin_step,
 support_mask, aux_losses, prepare_grads, after_step) and its ``uses_auxk`` flag.
+
+A step never waits for the device (no ``.item()``, no boolean-mask indexing, no Python branch on a
+tensor); only ``read_meter``, called on logging steps, reads values back. Whether AuxK can have any
+dead latent to work on is decided on the host from an upper bound of the largest dead counter (exact
+at each meter read, then grown by the rows of each step), so the term is computed exactly when it
+can be non-zero and skipped, with the Top-k's sparse backward, when it cannot.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ class Run:
         self.grad_clip, self.world, self.autocast_dtype = grad_clip, world, autocast_dtype
         self.k_aux = max(1, model.cfg.d_in // 2)  # Gao et al. appendix B.1
         device = next(model.parameters()).device
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.opt = make_adam(model.parameters(), lr)
         self.since_fired_N = torch.zeros(model.cfg.n_latents, dtype=torch.int64, device=device)
+        self.since_fired_bound = 0  # host-side upper bound of since_fired_N.max()
+        self.forward = model  # what the loss calls; trainer --compile swaps in torch.compile(model)
         self.reset_meter()
 
     # --- the step ----------------------------------------------------------------------------
@@ -40,7 +48,7 @@ class Run:
     def losses(self, x_BD: torch.Tensor, step: int, total: int):
         m, spec = self.model, self.spec
         with self._autocast(x_BD.device):
-            out = m(x_BD)
+            out = self.forward(x_BD)
         terms = {"rec": normalized_mse(out.x_hat_BD, x_BD, self.variance)}
         if spec.beta_eff > 0 or spec.gamma_eff > 0:
             support_BK = m.support_mask(out)
@@ -51,13 +59,12 @@ class Run:
                 terms["off"] = spec.beta_eff * off
             if spec.gamma_eff > 0:
                 terms["ratio"] = spec.gamma_eff * ratio
-        if m.uses_auxk and self.auxk_coeff > 0:
+        if m.uses_auxk and self.auxk_coeff > 0 and self.since_fired_bound >= self.dead_rows:
+            # Some latent may be dead (the bound is the same on every rank: the counters are synchronised).
             dead_N = self.since_fired_N >= self.dead_rows
-            n_dead = int(dead_N.sum())  # the same on every rank: the counters are synchronised
-            if n_dead:
-                with self._autocast(x_BD.device):
-                    aux = auxk_loss(m, out.z_BN, x_BD - out.x_hat_BD.float(), dead_N, n_dead, self.k_aux)
-                terms["auxk"] = self.auxk_coeff * aux
+            with self._autocast(x_BD.device):
+                aux = auxk_loss(m, out.z_BN, x_BD - out.x_hat_BD.float(), dead_N, self.k_aux)
+            terms["auxk"] = self.auxk_coeff * aux
         terms.update(m.aux_losses(x_BD, out, step, total))
         return out, terms
 
@@ -81,11 +88,9 @@ class Run:
 
     @torch.no_grad()
     def _count_firing(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor, rows: int) -> None:
-        fired_N = torch.zeros_like(self.since_fired_N, dtype=torch.bool)
-        fired_N[idx_BK[acts_BK > 0]] = True
-        fired_N = global_active(fired_N)
-        self.since_fired_N += rows
-        self.since_fired_N[fired_N] = 0
+        fired_N = global_active(batch_active(idx_BK, self.since_fired_N.shape[0], acts_BK > 0))
+        self.since_fired_N.add_(rows).masked_fill_(fired_N, 0)
+        self.since_fired_bound += rows
 
     # --- metrics -----------------------------------------------------------------------------
     def reset_meter(self) -> None:
@@ -103,6 +108,11 @@ class Run:
 
     def dead_fraction(self) -> float:
         return float((self.since_fired_N >= self.dead_rows).float().mean())
+
+    def refresh_bound(self) -> None:
+        """Make the host's bound exact again: a device read, so the trainer calls it on logging steps, at
+        steps fixed by the schedule (a run stopped and resumed elsewhere must refresh at the same steps)."""
+        self.since_fired_bound = int(self.since_fired_N.max())
 
     @torch.no_grad()
     def read_meter(self) -> dict[str, float]:
@@ -126,9 +136,26 @@ class Run:
     # --- resume ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "optim": self.opt.state_dict(), "since_fired": self.since_fired_N.cpu()}
+                "optim": self.opt.state_dict(), "since_fired": self.since_fired_N.cpu(),
+                "since_fired_bound": self.since_fired_bound}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optim"])
         self.since_fired_N.copy_(state["since_fired"].to(self.since_fired_N.device))
+        # The saved bound, not a fresh one: it decides whether AuxK runs, and a resumed run must take the
+        # same path (and the same rounding) as an uninterrupted one.
+        if "since_fired_bound" in state:
+            self.since_fired_bound = int(state["since_fired_bound"])
+        else:
+            self.refresh_bound()
+
+
+def make_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one pass over every parameter, no per-step host reads) where this
+    torch has it for the parameters' device; the foreach implementation otherwise."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))

@@ -113,6 +113,8 @@ def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int) -> SAEConfig:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.store = open_store(cfg.store)
         info = self.store.layer(cfg.layer)
         self.cfg = cfg = dataclasses.replace(cfg, layer=info.name)
@@ -163,6 +165,9 @@ class Trainer:
             self.runs.append(Run(spec, model, lr=self.lr, variance=self.variance, dead_rows=self.dead_rows,
                                  auxk_coeff=cfg.auxk_coeff, grad_clip=cfg.grad_clip, world=self.dist.world,
                                  autocast_dtype=torch.bfloat16 if autocast else None))
+        if cfg.compile:
+            for run in self.runs:
+                run.forward = torch.compile(run.model)  # parameters stay the model's: saving is unchanged
         self.step = 0
         if self.state is not None:
             for run in self.runs:
@@ -255,6 +260,9 @@ class Trainer:
                     run.train_step(x_BD, self.step, self.total, f)
                 self.step += 1
                 bar.update(1)
+                if self.step % max(cfg.log_every, 1) == 0:
+                    for run in self.runs:
+                        run.refresh_bound()
                 if self.step % max(cfg.log_every, 1) == 0 or self.step == stop:
                     last = self._log_all(t0)
                     self._check_finite(last)

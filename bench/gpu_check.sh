@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The device checks of issue 12 as one prepared run (for the `run` device tool or any CUDA machine with the
+# project installed): GPU tests (loader CUDA path == CPU path, no host sync in the step under
+# torch.cuda.set_sync_debug_mode("error"), async extraction copies == blocking ones), the training bench
+# at d = 768 / 16384 latents / k = 32 / batch 4096 in bf16 with the CUDA loader, and extraction with a
+# random-init CLIP ViT-B/16 at batch 256. Every output lands in $OUT (default ./gpu-out), one file each.
+set -u
+OUT=${OUT:-gpu-out}
+PY=${PY:-python}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
+timeout 240 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests > "$OUT/pytest_gpu.txt" 2>&1
+timeout 300 "$PY" bench/train.py --device cuda --markdown > "$OUT/bench_train.txt" 2>&1
+timeout 240 "$PY" bench/extract.py --device cuda --model clip --random-init --dtype bfloat16 --batch-size 256 \
+    --limit 1792 --images-per-shard 256 --repeats 1 > "$OUT/bench_extract.txt" 2>&1
+tail -n 3 "$OUT"/*.txt
