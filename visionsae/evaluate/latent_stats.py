@@ -21,9 +21,9 @@ import torch
 from visionsae.evaluate.codes import ImageCodes
 from visionsae.evaluate.purity import TopImages
 
-BINS_PER_OCTAVE = 4
-LOW_OCTAVE = -32  # activations below 2^-32 fall in bin 0, above 2^32 in the last bin
-N_BINS = 256
+BINS_PER_OCTAVE = 8  # bins 9% wide: a latent's firing range (an octave or a few) gets 8-30 bars
+LOW_OCTAVE = -20  # activations below 2^-20 fall in bin 0, above 2^20 in the last bin
+N_BINS = 320
 
 
 class LatentExtras(NamedTuple):
@@ -50,7 +50,7 @@ class LatentStatsAccumulator:
     def __init__(self, n_latents: int, reservoir: int = 32, seed: int = 0, device: torch.device | str = "cpu"):
         self.n_latents = n_latents
         self.sum_N = torch.zeros(n_latents, dtype=torch.float64, device=device)
-        self.hist_NB = torch.zeros(n_latents * N_BINS, dtype=torch.int64, device=device)
+        self.hist_NB = torch.zeros(n_latents * N_BINS, dtype=torch.int32, device=device)  # 21 MB at 16k latents
         self.sample = TopImages(n_latents, reservoir, device)
         self.gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -60,13 +60,13 @@ class LatentStatsAccumulator:
         fire_P = val_P > 0
         lat_P, val_P, img_P = lat_P[fire_P], val_P[fire_P], codes.img_P[fire_P]
         self.sum_N.index_add_(0, lat_P, val_P.double())
-        self.hist_NB.index_add_(0, lat_P * N_BINS + bin_of(val_P), torch.ones_like(lat_P))
+        self.hist_NB.index_add_(0, lat_P * N_BINS + bin_of(val_P), torch.ones_like(lat_P, dtype=torch.int32))
         # keys in (0, 1]: TopImages treats 0 as "no image"
         key_P = 1.0 - torch.rand(lat_P.shape[0], generator=self.gen, device=lat_P.device)
         self.sample.update(ImageCodes(img_P, lat_P, key_P, codes.n_images, codes.n_latents), slots_I)
 
     def result(self, counts_NC: np.ndarray | None, top_classes: int = 8) -> LatentExtras:
-        hist_NB = self.hist_NB.view(self.n_latents, N_BINS).cpu().numpy()
+        hist_NB = self.hist_NB.view(self.n_latents, N_BINS).cpu().numpy().astype(np.int64)
         _, slots_NR = self.sample.result()
         if counts_NC is not None and counts_NC.shape[1] > 0:
             j = min(top_classes, counts_NC.shape[1])

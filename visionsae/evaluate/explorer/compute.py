@@ -81,7 +81,7 @@ def class_effects(dirs_ND: torch.Tensor, head: ClassifierHead, j: int, block: in
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(up_idx, up_val, down_idx, down_val) [N, j]: the classes whose logit each direction raises / lowers most."""
     W_DC = torch.from_numpy(head.weight_CD).to(dirs_ND.device).T
-    j = min(j, W_DC.shape[1])
+    j = max(1, min(j, W_DC.shape[1] // 2))  # the two lists never share a class
     out: list[list[torch.Tensor]] = [[], [], [], []]
     for s in range(0, dirs_ND.shape[0], block):
         eff_BC = dirs_ND[s:s + block] @ W_DC

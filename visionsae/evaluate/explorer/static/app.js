@@ -106,6 +106,7 @@
     withTable(ck, () => {
       if (changed || !S.rows.length) setupTable();
       renderRows();
+      if (!S.marked) { S.marked = true; performance.mark("vsae-table-ready"); }
       if (lat !== null) showLatent(ck, lat, vs); else $("#detail").innerHTML = `<p class="hint">Choose a latent in the table (or type its number).</p>`;
     });
   }
@@ -195,7 +196,7 @@
     if (!(lat >= 0 && lat < S.meta.checkpoints[ck].n_latents)) { box.innerHTML = `<p class="hint">No latent ${esc(lat)} in this checkpoint.</p>`; return; }
     document.querySelectorAll("#rows .row").forEach(r => r.classList.toggle("sel", +r.dataset.l === lat));
     withLatent(ck, lat, rec => {
-      if (!vs) { box.innerHTML = ""; box.appendChild(latentView(ck, lat, rec, false)); return; }
+      if (!vs) { box.innerHTML = ""; box.appendChild(latentView(ck, lat, rec, false)); performance.mark("vsae-latent-ready"); return; }
       withTable(vs[0], () => withLatent(vs[0], vs[1], rec2 => {
         box.innerHTML = `<div class="cmp-head"><a href="#c=${ck}&l=${lat}">× close comparison</a> · decoder cosine ${fmt(rec.m[vs[0]] && rec.m[vs[0]][0] === vs[1] ? rec.m[vs[0]][1] : null)}</div>`;
         const two = el("div", { class: "compare" });
@@ -213,7 +214,7 @@
     let h = `<h2>Latent ${lat} <small>${esc(c.name)}</small>${dead ? ' <span class="badge">dead on the held-out images</span>' : ""}</h2>
       <div class="chips">${stat("rate", fmtSci(t.rate[lat]))}${stat("images", fmtPct(t.img[lat]))}${stat("max", fmt(t.max[lat]))}${stat("mean", fmt(t.mean[lat]))}${stat("MS", fmt(t.ms[lat]))}${stat("purity", fmt(t.pur[lat]) + " top / " + fmt(t.pall[lat]) + " all")}${stat("top class", esc(className(ck, t.cls[lat])))}</div>`;
     h += `<div class="panels">`;
-    h += `<div class="panel"><h3>Activation histogram</h3><canvas class="hist" width="300" height="120"></canvas><p class="note">${rec.hist.length ? "images per activation bin (log scale: ¼ octave bins), all held-out images it fires on" : "no firing image"}</p></div>`;
+    h += `<div class="panel"><h3>Activation histogram</h3><canvas class="hist" width="320" height="140"></canvas><p class="note">${rec.hist.length ? "every held-out image it fires on, in ⅛-octave bins" : "no firing image"}</p></div>`;
     h += `<div class="panel"><h3>Classes of its firing images</h3>${classBars(ck, rec)}</div>`;
     if (rec.up) h += `<div class="panel"><h3>What it does to the classifier</h3>${effects(ck, rec)}</div>`;
     if (!compact) {
@@ -222,18 +223,18 @@
       if (ms.length) h += `<div class="panel"><h3>Same concept in other checkpoints</h3><ul class="nb">${ms.map(o => { const [j, cs, mu] = rec.m[o]; return `<li>${esc(S.meta.checkpoints[o].name)}: <a href="#c=${o}&l=${j}">latent ${j}</a> <span class="num">cos ${fmt(cs)}</span>${mu ? " mutual" : ""} · <a class="vs" href="#c=${ck}&l=${lat}&vs=${o}:${j}">side by side</a></li>`; }).join("")}</ul></div>`;
     }
     h += `</div>`;
-    const gridNote = g.grid ? ` <label class="toggle"><input type="checkbox" class="heatbox"${S.heat ? " checked" : ""}> heatmap over the ${g.grid[1]}×${g.grid[2]} token grid</label>` : "";
+    const gridNote = g.grid ? ` <label class="toggle"><input type="checkbox" class="heatbox"${S.heat ? " checked" : ""}> heatmap: its activation at each of the ${g.grid[1]}×${g.grid[2]} tokens (red = its maximum)</label>` : "";
     h += `<h3>Top images${gridNote}</h3><div class="imgs top">${rec.top.map(im => figure(ck, im, rec)).join("") || '<p class="note">none</p>'}</div>`;
     if (rec.bands.length) {
       h += `<h3>Across its activation range <small>(a uniform sample of ${rec.nsample} of the images it fires on, by activation quantile)</small></h3>`;
-      h += rec.bands.map(([q0, q1, lo, hi, ims]) => `<div class="band"><div class="blabel">${q0 === 0 ? "top" : "rank"} ${fmt(q0)}–${fmt(q1)}%<br><span class="num">${fmt(lo)} – ${fmt(hi)}</span></div><div class="imgs">${ims.map(im => figure(ck, im, rec)).join("")}</div></div>`).join("");
+      h += rec.bands.map(([q0, q1, lo, hi, ims]) => `<div class="band"><div class="blabel">${q0 === 0 ? `strongest ${Math.round(q1)}%` : `${Math.round(q0)}–${Math.round(q1)}% down`}<br><span class="num">${fmt(lo)} – ${fmt(hi)}</span></div><div class="imgs">${ims.map(im => figure(ck, im, rec)).join("")}</div></div>`).join("");
     }
     if (rec.abl && rec.abl.length && !compact) {
       h += `<h3>Removing the latent from its top images <small>(exact change of the predicted class's logit: x − a·d)</small></h3><table class="abl"><tr><th>image</th><th>label</th><th>prediction</th><th>logit</th><th>Δ logit</th><th>prediction without it</th></tr>`;
       h += rec.abl.map(([idx, lab, p, lg, dl, np]) => `<tr><td>${thumb(ck, idx, 40)}</td><td>${esc(className(ck, lab))}</td><td>${esc(headName(ck, p))}</td><td class="num">${fmt(lg)}</td><td class="num ${dl < 0 ? "neg" : "pos"}">${dl > 0 ? "+" : ""}${fmt(dl)}</td><td class="${np !== p ? "changed" : ""}">${esc(headName(ck, np))}</td></tr>`).join("") + `</table>`;
     }
     v.innerHTML = h;
-    drawHist(v.querySelector("canvas.hist"), rec.hist, t.max[lat]);
+    drawHist(v.querySelector("canvas.hist"), rec.hist);
     v.querySelectorAll(".heatbox").forEach(b => { b.onchange = () => { S.heat = b.checked; document.body.classList.toggle("noheat", !S.heat); document.querySelectorAll(".heatbox").forEach(o => { o.checked = S.heat; }); }; });
     if (g.grid) v.querySelectorAll("canvas.heat").forEach(cv => drawHeat(cv, rec.heat && rec.heat[cv.dataset.idx], g.grid));
     document.body.classList.toggle("noheat", !S.heat);
@@ -260,31 +261,37 @@
     return `<div class="fx"><div><b>promotes</b><ol>${li(rec.up, "pos")}</ol></div><div><b>suppresses</b><ol>${li(rec.down, "neg")}</ol></div></div><p class="note">logit change per unit of activation: the head applied to the decoder direction</p>`;
   }
 
-  function drawHist(cv, hist, vmax) {
+  function drawHist(cv, hist) {
     if (!cv) return;
-    const ctx = cv.getContext("2d"), W = cv.width, H = cv.height, pad = 18;
+    const ctx = cv.getContext("2d"), W = cv.width, H = cv.height, L = 8, R = 8, T = 16, B = 30;
     ctx.clearRect(0, 0, W, H);
     if (!hist.length) return;
     const b0 = hist[0], counts = hist.slice(1), n = counts.length, top = Math.max(...counts);
-    const bw = (W - 2 * pad) / n, hp = S.meta.hist;
-    ctx.fillStyle = "#4a78c2";
-    counts.forEach((c, i) => { const h = (H - 2 * pad) * Math.sqrt(c / top); ctx.fillRect(pad + i * bw + 0.5, H - pad - h, Math.max(1, bw - 1), h); });
-    ctx.fillStyle = "#444"; ctx.font = "10px sans-serif"; ctx.textAlign = "left";
+    const bw = (W - L - R) / n, hp = S.meta.hist, total = counts.reduce((a, c) => a + c, 0);
     const edge = b => Math.pow(2, hp.low_octave + b / hp.per_octave);
-    ctx.fillText(fmt(edge(b0)), pad, H - 4);
-    ctx.textAlign = "right"; ctx.fillText(fmt(edge(b0 + n)), W - pad, H - 4);
-    ctx.fillText("max " + top + " images (√ scale)", W - pad, 11);
-    ctx.strokeStyle = "#999"; ctx.beginPath(); ctx.moveTo(pad, H - pad + 0.5); ctx.lineTo(W - pad, H - pad + 0.5); ctx.stroke();
+    ctx.fillStyle = "#4a78c2";
+    counts.forEach((c, i) => { const h = (H - T - B) * Math.sqrt(c / top); ctx.fillRect(L + i * bw + 0.5, H - B - h, Math.max(1, bw - 1), h); });
+    ctx.strokeStyle = "#999"; ctx.beginPath(); ctx.moveTo(L, H - B + 0.5); ctx.lineTo(W - R, H - B + 0.5); ctx.stroke();
+    ctx.fillStyle = "#444"; ctx.font = "10px sans-serif";
+    const ticks = Math.min(n, 4);
+    for (let k = 0; k <= ticks; k++) {  // edges are log-spaced: label a few of them
+      const b = Math.round(k * n / ticks), x = L + b * bw;
+      ctx.textAlign = k === 0 ? "left" : k === ticks ? "right" : "center";
+      ctx.fillText(fmt(edge(b0 + b)), x, H - B + 12);
+      ctx.beginPath(); ctx.moveTo(x + 0.5, H - B); ctx.lineTo(x + 0.5, H - B + 3); ctx.stroke();
+    }
+    ctx.textAlign = "center"; ctx.fillText("activation on an image (log axis)", W / 2, H - 4);
+    ctx.textAlign = "left"; ctx.fillText(`${total} images · tallest bar ${top} (√ height)`, L, 10);
   }
   function drawHeat(cv, b64, grid) {
     if (!b64) return;
     const [, rows, colsN] = grid, raw = atob(b64);
     const small = document.createElement("canvas"); small.width = colsN; small.height = rows;
     const sctx = small.getContext("2d"), img = sctx.createImageData(colsN, rows);
-    for (let i = 0; i < rows * colsN; i++) {
+    for (let i = 0; i < rows * colsN; i++) {  // silent: transparent; weak: yellow; strongest: red
       const v = raw.charCodeAt(i) / 255;
-      img.data[4 * i] = 255; img.data[4 * i + 1] = Math.round(220 * (1 - v) + 35 * v); img.data[4 * i + 2] = 0;
-      img.data[4 * i + 3] = Math.round(200 * Math.sqrt(v));
+      img.data[4 * i] = 255; img.data[4 * i + 1] = Math.round(230 * (1 - v)); img.data[4 * i + 2] = Math.round(40 * (1 - v));
+      img.data[4 * i + 3] = Math.round(180 * Math.min(1, 1.6 * v));
     }
     sctx.putImageData(img, 0, 0);
     const ctx = cv.getContext("2d");
