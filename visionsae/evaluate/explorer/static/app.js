@@ -295,7 +295,7 @@
     }
     sctx.putImageData(img, 0, 0);
     const ctx = cv.getContext("2d");
-    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingEnabled = false;  // one block per token: the patch boundaries are the model's
     ctx.clearRect(0, 0, cv.width, cv.height);
     ctx.drawImage(small, 0, 0, cv.width, cv.height);
   }
