@@ -276,3 +276,10 @@ def test_explorer_in_chromium(explorer_run, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_vectorised_rounding_equals_four_significant_digits():
+    from visionsae.evaluate.explorer.write import _col, _g
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.lognormal(0, 6, 2000) * rng.choice([-1, 1], 2000), [0.0, np.nan, np.inf, 999.96, 0.3]])
+    assert _col(x) == [_g(v) for v in x]

@@ -123,6 +123,8 @@ def pair_values(model: SparseAutoencoder, store: Store, layer: str, slot_P: np.n
         dlogit_P, new_pred_P = np.zeros(P, np.float32), np.full(P, -1, np.int64)
         W_CD = torch.from_numpy(head.weight_CD).to(device)
         b_C = torch.from_numpy(head.bias_C).to(device)
+        # every latent's class effect at once where it fits (16k latents x 1000 classes: 64 MB), else per pair
+        eff_NC = dirs_ND @ W_CD.T if dirs_ND.shape[0] * W_CD.shape[0] <= 2**26 else None
     if P == 0:
         return PairValues(tokens_PT, *((pred_P, logit_P, dlogit_P, new_pred_P) if with_head else (None,) * 4))
     uniq_U, inv_P = np.unique(slot_P, return_inverse=True)
@@ -134,6 +136,8 @@ def pair_values(model: SparseAutoencoder, store: Store, layer: str, slot_P: np.n
         acts_RK, idx_RK = model.encode(x_RD)
         K = acts_RK.shape[1]
         acts_ITK, idx_ITK = acts_RK.view(u1 - u0, T, K), idx_RK.view(u1 - u0, T, K)
+        if with_head:
+            logits_UC = x_RD.view(u1 - u0, T, -1)[:, 0].float() @ W_CD.T + b_C
         lo, hi = np.searchsorted(inv_P[order], [u0, u1])
         for c0 in range(lo, hi, pair_block):
             sel = order[c0:min(c0 + pair_block, hi)]
@@ -146,10 +150,13 @@ def pair_values(model: SparseAutoencoder, store: Store, layer: str, slot_P: np.n
                 if abl.any():
                     q = sel[abl]
                     img = img_Q[torch.from_numpy(abl).to(device)]
-                    logits_QC = x_RD.view(u1 - u0, T, -1)[img, 0].float() @ W_CD.T + b_C
+                    logits_QC = logits_UC[img]
                     pred = logits_QC.argmax(1)
                     a_Q = torch.from_numpy(tokens_PT[q, 0]).to(device)
-                    delta_QC = -a_Q[:, None] * (dirs_ND[torch.from_numpy(lat_P[q]).to(device)] @ W_CD.T)
+                    lat_q = torch.from_numpy(lat_P[q]).to(device)
+                    # the head is linear: removing a * d_l changes the logits by -a * (W d_l)
+                    eff_QC = eff_NC[lat_q] if eff_NC is not None else dirs_ND[lat_q] @ W_CD.T
+                    delta_QC = -a_Q[:, None] * eff_QC
                     pred_P[q] = pred.cpu().numpy()
                     logit_P[q] = logits_QC.gather(1, pred[:, None])[:, 0].cpu().numpy()
                     dlogit_P[q] = delta_QC.gather(1, pred[:, None])[:, 0].cpu().numpy()

@@ -44,7 +44,27 @@ def _g(v) -> float | None:
 
 
 def _col(a: np.ndarray) -> list:
-    return [_g(v) for v in np.asarray(a, dtype=np.float64)]
+    """``_g`` of every value, vectorised (a million values take seconds one by one): the rounded value is an
+    integer times an exact power of ten, so its shortest repr has at most 4 significant digits."""
+    a = np.asarray(a, dtype=np.float64).copy()
+    ok = np.isfinite(a) & (a != 0)
+    exp = np.floor(np.log10(np.abs(a[ok]))) - 3
+    up = exp >= 0
+    vals = a[ok]
+    vals[up] = np.round(vals[up] / 10.0 ** exp[up]) * 10.0 ** exp[up]
+    vals[~up] = np.round(vals[~up] * 10.0 ** -exp[~up]) / 10.0 ** -exp[~up]
+    a[ok] = vals
+    out = a.tolist()
+    if not np.isfinite(a).all():
+        out = [v if math.isfinite(v) else None for v in out]
+    return out
+
+
+def _per_row(i_NJ: np.ndarray, v_NJ: np.ndarray) -> list[list[list]]:
+    """[[i, v], ...] per row: a latent's nearest latents, classes, ..."""
+    J = i_NJ.shape[1]
+    vals = _col(np.asarray(v_NJ).ravel())
+    return [[[a, vals[n * J + j]] for j, a in enumerate(row)] for n, row in enumerate(i_NJ.tolist())]
 
 
 def _js(path: Path, call: str, *args) -> int:
@@ -61,17 +81,19 @@ class _Thumbs:
         self.out, self.size = out, result.config.thumb_size
         self.sources = [ThumbnailSource(g.store.dataset, self.size, (g.store.backbone or {}).get("preprocessing"))
                         for g in result.groups]
-        self.done: dict[tuple[int, int], bool] = {}
+        self.done: set[tuple[int, int]] = set()
 
-    def want(self, group: int, index: int) -> None:
-        key = (group, int(index))
-        if key in self.done or self.sources[group].unavailable:
+    def write(self, group: int, indices: np.ndarray) -> None:
+        if self.sources[group].unavailable:
             return
-        data = self.sources[group].png(int(index))
-        if data is not None:
-            (self.out / "thumbs").mkdir(exist_ok=True)
-            (self.out / "thumbs" / f"g{group}-{int(index)}.png").write_bytes(data)
-        self.done[key] = data is not None
+        for index in np.unique(indices).tolist():
+            if (group, index) in self.done:
+                continue
+            self.done.add((group, index))
+            data = self.sources[group].png(index)
+            if data is not None:
+                (self.out / "thumbs").mkdir(exist_ok=True)
+                (self.out / "thumbs" / f"g{group}-{index}.png").write_bytes(data)
 
 
 def write_explorer(result, out: Path, figures: dict[str, str]) -> Path:
@@ -164,6 +186,16 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     pv = compute.pair_values(model, store, layer, slot_P, lat_P, device, cfg.batch_rows, head,
                              dirs_ND if head is not None else None, ablate_P)
     val_P = pv.tokens_PT.max(1)
+    idx_P = index[slot_P]
+    vr_P = _col(val_P)
+    records_P = list(zip(idx_P.tolist(), vr_P, labels[slot_P].tolist()))  # [index, value, label]
+    nb_rows = _per_row(nb_i, nb_c)
+    if head is not None:
+        up_rows, down_rows = _per_row(up_i, up_v), _per_row(dn_i, dn_v)
+        abl_P = list(zip(idx_P.tolist(), labels[slot_P].tolist(), pv.pred_P.tolist(), _col(pv.logit_P),
+                         _col(pv.dlogit_P), pv.new_pred_P.tolist()))
+    match_rows = {str(j): list(zip(m.idx_N.tolist(), _col(m.cos_N), m.mutual_N.tolist())) for j, m in matches.items()}
+    shown_P = np.zeros(len(slot_P), dtype=bool)
     grid = gm["grid"]
     n_top = len(top_lat)
     top_bounds = np.searchsorted(top_lat, np.arange(N + 1))
@@ -171,10 +203,9 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     vmax_N = t.top_vals_NM[:, 0]
     hist_nz = ex.hist_NB > 0
 
-    def image(p: int) -> list:
-        idx = int(index[slot_P[p]])
-        thumbs.want(ck.group, idx)
-        return [idx, _g(val_P[p]), int(labels[slot_P[p]])]
+    def image(p: int) -> tuple:
+        shown_P[p] = True
+        return records_P[p]
 
     def heat(p: int, lat: int, out: dict) -> None:
         if grid is None or not vmax_N[lat] > 0:
@@ -202,29 +233,28 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
                     if hi <= lo:
                         continue
                     part = by_val[lo:hi]
-                    show = part[np.unique(np.linspace(0, len(part) - 1, min(PER_BAND, len(part))).astype(int))]
+                    m = min(PER_BAND, len(part))
+                    show = part[(np.arange(m) * (len(part) - 1)) // max(m - 1, 1)]  # spread over the band
                     for p in show:
                         heat(p, lat, heats)
-                    bands.append([_g(100 * lo / len(by_val)), _g(100 * hi / len(by_val)), _g(val_P[part].min()),
-                                  _g(val_P[part].max()), [image(int(p)) for p in show]])
+                    bands.append([round(100 * lo / len(by_val), 1), round(100 * hi / len(by_val), 1),
+                                  vr_P[part[-1]], vr_P[part[0]], [image(int(p)) for p in show]])
             rec["bands"], rec["nsample"] = bands, int(len(smp))
             nz = np.nonzero(hist_nz[lat])[0]
             rec["hist"] = [int(nz[0])] + ex.hist_NB[lat, nz[0]:nz[-1] + 1].tolist() if len(nz) else []
             rec["cls"] = [[int(k), int(n)] for k, n in zip(ex.class_top_NJ[lat], ex.class_count_NJ[lat]) if k >= 0]
             rec["ncls"] = int(ex.class_total_N[lat])
-            rec["nb"] = [[int(j), _g(cv)] for j, cv in zip(nb_i[lat], nb_c[lat])]
+            rec["nb"] = nb_rows[lat]
             if head is not None:
-                rec["up"] = [[int(k), _g(v)] for k, v in zip(up_i[lat], up_v[lat])]
-                rec["down"] = [[int(k), _g(v)] for k, v in zip(dn_i[lat], dn_v[lat])]
-                rec["abl"] = [[int(index[slot_P[p]]), int(labels[slot_P[p]]), int(pv.pred_P[p]), _g(pv.logit_P[p]),
-                               _g(pv.dlogit_P[p]), int(pv.new_pred_P[p])] for p in tops if ablate_P[p]]
-            rec["m"] = {str(j): [int(m.idx_N[lat]), _g(m.cos_N[lat]), bool(m.mutual_N[lat])]
-                        for j, m in matches.items()}
+                rec["up"], rec["down"] = up_rows[lat], down_rows[lat]
+                rec["abl"] = [abl_P[p] for p in tops if ablate_P[p]]
+            rec["m"] = {j: rows[lat] for j, rows in match_rows.items()}
             if heats:
                 rec["heat"] = heats
             records.append(rec)
         _js(folder / f"l{c}.js", "VSAE.chunk", i, c, records)
     _js(folder / "table.js", "VSAE.table", i, table)
+    thumbs.write(ck.group, idx_P[shown_P])
     return n_chunks
 
 
