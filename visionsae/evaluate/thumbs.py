@@ -64,7 +64,7 @@ class ThumbnailSource:
         else:
             img.thumbnail((self.size, self.size), Image.BILINEAR)
         buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)  # level 6 (default): 1.4x slower, 7% smaller (1000 Fashion-MNIST thumbs)
+        img.save(buf, format="PNG", compress_level=1)  # the default 6: 1.4x slower, 7% smaller (measured)
         return buf.getvalue()
 
 
