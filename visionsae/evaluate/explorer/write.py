@@ -111,8 +111,7 @@ def write_explorer(result, out: Path, figures: dict[str, str]) -> Path:
     for gi, g in enumerate(result.groups):
         info = g.store.layer(g.layer)
         names = g.store.class_names
-        n_cls = max([len(names)] + [int(c.tables.top_class_N.max()) + 1 for c in result.checkpoints
-                                    if c.group == gi and c.tables.top_class_N.size])
+        n_cls = max(len(names), int(g.store.labels.max(initial=-1)) + 1)
         head = heads[gi] if compute.head_applies(heads[gi], info.kind, info.d, info.tokens_per_image) else None
         grid = compute.patch_grid(info.tokens_per_image, info.token_kind)
         groups_meta.append({

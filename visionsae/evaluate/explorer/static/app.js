@@ -258,7 +258,7 @@
   }
   function effects(ck, rec) {
     const li = (arr, cls) => arr.map(([c, w]) => `<li><span class="name">${esc(headName(ck, c))}</span> <span class="num ${cls}">${w > 0 ? "+" : ""}${fmt(w)}</span></li>`).join("");
-    return `<div class="fx"><div><b>promotes</b><ol>${li(rec.up, "pos")}</ol></div><div><b>suppresses</b><ol>${li(rec.down, "neg")}</ol></div></div><p class="note">logit change per unit of activation: the head applied to the decoder direction</p>`;
+    return `<div class="fx"><div><b>promotes</b><ol>${li(rec.up, "pos")}</ol></div><div><b>suppresses</b><ol>${li(rec.down, "neg")}</ol></div></div><p class="note">logit change per unit of activation: the head applied to the decoder direction${group(ck).weights === "random-init" ? " (a random-init backbone: its head is untrained)" : ""}</p>`;
   }
 
   function drawHist(cv, hist) {
