@@ -259,6 +259,10 @@ def test_explorer_in_chromium(explorer_run, tmp_path):
                     imgs: [...document.querySelectorAll('#detail img')].filter(i => i.naturalWidth > 0).length};""")
         assert drawn["hist"] > 0 and drawn["heats"] and all(v > 0 for v in drawn["heats"]) and drawn["imgs"] > 0
         driver.save_screenshot(str(shots / "latent-token-layer.png"))
+        # the down arrow opens the next latent of the filtered table
+        rows = driver.execute_script("return [...document.querySelectorAll('#rows .row')].map(r => +r.dataset.l)")
+        driver.find_element("css selector", "body").send_keys("\ue015")  # Keys.ARROW_DOWN
+        _wait(driver, f"return location.hash.endsWith('l={rows[1]}')")
         # heatmaps toggle off
         driver.find_element("css selector", ".heatbox").click()
         assert driver.execute_script("return getComputedStyle(document.querySelector('canvas.heat')).display") == "none"

@@ -73,7 +73,7 @@
             <select id="cls"><option value="">all classes</option></select>
             <label><input id="dead" type="checkbox" checked> dead</label>
             <div class="ranges">${ranges}</div>
-            <div id="count"></div>
+            <div id="count"></div><div class="note">↑ / ↓: previous / next latent</div>
           </div>
           <div id="thead" class="row head"></div>
           <div id="rows"><div id="spacer"></div></div>
@@ -88,6 +88,15 @@
     $("#rows").onscroll = renderRows;
     window.onresize = renderRows;
     window.onhashchange = route;
+    document.onkeydown = e => {  // up / down: the previous / next latent of the table as sorted and filtered
+      if (e.target.tagName === "INPUT" || e.target.tagName === "SELECT" || !["ArrowUp", "ArrowDown"].includes(e.key)) return;
+      const at = S.rows.indexOf(S.lat), next = S.rows[Math.max(0, Math.min(S.rows.length - 1, at + (e.key === "ArrowDown" ? 1 : -1)))];
+      if (next === undefined) return;
+      e.preventDefault();
+      const box = $("#rows"), pos = S.rows.indexOf(next) * ROW;
+      if (pos < box.scrollTop || pos > box.scrollTop + box.clientHeight - ROW) box.scrollTop = pos - box.clientHeight / 2;
+      location.hash = `c=${S.ck}&l=${next}`;
+    };
     route();
   }
 
@@ -165,7 +174,7 @@
       return va < vb ? -d : va > vb ? d : a - b;
     });
     S.rows = rows;
-    $("#count").textContent = `${rows.length} of ${S.n} latents` + (rows.length && !dead ? "" : "");
+    $("#count").textContent = `${rows.length} of ${S.n} latents`;
     $("#spacer").style.height = rows.length * ROW + "px";
     renderRows();
   }
