@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/explorer.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -10,6 +10,12 @@
     ["id", "latent", v => v], ["rate", "rate", fmtSci], ["img", "images", fmtPct], ["max", "max", fmt],
     ["mean", "mean", fmt], ["ms", "MS", fmt], ["pur", "purity", fmt], ["cls", "top class", null],
     ["up", "promotes", null]];
+  const HELP = {
+    id: "latent number", rate: "share of held-out rows (tokens) where it fires",
+    img: "share of held-out images where it fires (on some token)", max: "largest activation on an image",
+    mean: "mean activation over the images it fires on", ms: "Monosemanticity Score (Pach et al. 2025)",
+    pur: "share of its top images in its most frequent class", cls: "most frequent class of the images it fires on",
+    up: "class whose logit its decoder direction raises most (the backbone's classifier head)"};
   const RANGES = [["rate", "firing rate"], ["max", "max act."], ["ms", "MS"], ["pur", "purity"]];
 
   function fmt(v) { return v === null || v === undefined ? "–" : (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)); }
@@ -128,7 +134,7 @@
     const sel = $("#cls");
     sel.innerHTML = `<option value="">all classes</option>` + g.classes.map((n, i) => `<option value="${i}">${esc(n)}</option>`).join("");
     const cs = cols();
-    $("#thead").innerHTML = cs.map(([k, label]) => `<span data-k="${k}" class="sortable${k === S.sortKey ? " sorted" : ""}">${esc(label)}${k === S.sortKey ? (S.sortDir < 0 ? " ▼" : " ▲") : ""}</span>`).join("");
+    $("#thead").innerHTML = cs.map(([k, label]) => `<span data-k="${k}" title="${esc(HELP[k])} (click to sort)" class="sortable${k === S.sortKey ? " sorted" : ""}">${esc(label)}${k === S.sortKey ? (S.sortDir < 0 ? " ▼" : " ▲") : ""}</span>`).join("");
     $("#thead").querySelectorAll("span").forEach(s => { s.onclick = () => sortBy(s.dataset.k); });
     document.body.classList.toggle("withup", !!t.up);
     S.n = t.rate.length;
