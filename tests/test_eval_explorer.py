@@ -215,7 +215,7 @@ def _driver(tmp_path):
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1500,1000",
-                f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files"):
+                f"--user-data-dir={tmp_path / 'profile'}"):  # default file:// rules, as a user has
         opts.add_argument(arg)
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     return webdriver.Chrome(options=opts, service=service)
