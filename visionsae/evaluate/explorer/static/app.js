@@ -238,7 +238,8 @@
       if (ms.length) h += `<div class="panel"><h3>Same concept in other checkpoints</h3><ul class="nb">${ms.map(o => { const [j, cs, mu] = rec.m[o]; return `<li>${esc(S.meta.checkpoints[o].name)}: <a href="#c=${o}&l=${j}">latent ${j}</a> <span class="num">cos ${fmt(cs)}</span>${mu ? " mutual" : ""} · <a class="vs" href="#c=${ck}&l=${lat}&vs=${o}:${j}">side by side</a></li>`; }).join("")}</ul></div>`;
     }
     h += `</div>`;
-    const gridNote = g.grid ? ` <label class="toggle"><input type="checkbox" class="heatbox"${S.heat ? " checked" : ""}> heatmap: its activation at each of the ${g.grid[1]}×${g.grid[2]} tokens (red = its maximum)</label>` : "";
+    const gridNote = g.grid ? ` <label class="toggle"><input type="checkbox" class="heatbox"${S.heat ? " checked" : ""}> heatmap: its activation at each of the ${g.grid[1]}×${g.grid[2]} tokens (red = its maximum)</label>`
+      : g.tokens > 1 ? ` <small>(no heatmap: its ${g.tokens} ${esc(g.token_kind)} tokens per image do not form a square grid)</small>` : "";
     h += `<h3>Top images${gridNote}</h3><div class="imgs top">${rec.top.map(im => figure(ck, im, rec)).join("") || '<p class="note">none</p>'}</div>`;
     if (rec.bands.length) {
       h += `<h3>Across its activation range <small>(a uniform sample of ${rec.nsample} of the images it fires on, by activation quantile)</small></h3>`;
@@ -259,7 +260,8 @@
   function thumb(ck, idx, size) {
     const g = group(ck), src = `thumbs/g${S.meta.checkpoints[ck].group}-${idx}.png`;
     if (g.thumbs) return `<div class="noimg" style="width:${size}px;height:${size}px" title="${esc(g.thumbs)}">#${idx}</div>`;
-    return `<img src="${src}" width="${size}" height="${size}" alt="image ${idx}" onerror="this.replaceWith(Object.assign(document.createElement('div'),{className:'noimg',textContent:'#${idx}'}))">`;
+    // small images (Fashion-MNIST) are enlarged with crisp pixels; photo thumbnails are smoothed
+    return `<img src="${src}" width="${size}" height="${size}" alt="image ${idx}" onload="if (this.naturalWidth >= 64) this.style.imageRendering = 'auto'" onerror="this.replaceWith(Object.assign(document.createElement('div'),{className:'noimg',textContent:'#${idx}'}))">`;
   }
   function figure(ck, im, rec) {
     const [idx, val, lab] = im, g = group(ck);
