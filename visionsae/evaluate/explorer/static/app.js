@@ -16,7 +16,8 @@
     mean: "mean activation over the images it fires on", ms: "Monosemanticity Score (Pach et al. 2025)",
     pur: "share of its top images in its most frequent class", cls: "most frequent class of the images it fires on",
     up: "class whose logit its decoder direction raises most (the backbone's classifier head)"};
-  const RANGES = [["rate", "firing rate"], ["max", "max act."], ["ms", "MS"], ["pur", "purity"]];
+  const RANGES = [["rate", "firing rate"], ["img", "images"], ["max", "max act."], ["mean", "mean act."], ["ms", "MS"],
+                  ["pur", "purity"]];
 
   function fmt(v) { return v === null || v === undefined ? "–" : (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)); }
   function fmtSci(v) { return v === null || v === undefined ? "–" : (v === 0 ? "0" : v.toExponential(1)); }
@@ -88,6 +89,7 @@
       </main>`;
     $("#ck").onchange = e => { location.hash = "c=" + e.target.value; };
     $("#q").oninput = refilter;
+    $("#q").onkeydown = e => { if (e.key === "Enter" && S.rows.length) location.hash = `c=${S.ck}&l=${S.rows[0]}`; };
     $("#cls").onchange = refilter;
     $("#dead").onchange = refilter;
     app.querySelectorAll(".ranges input").forEach(i => { i.oninput = refilter; });
