@@ -240,6 +240,18 @@ def test_explorer_in_chromium(explorer_run, tmp_path):
         driver.find_element("css selector", "#thead span[data-k='max']").click()
         first = int(driver.execute_script("return document.querySelector('#rows .row').dataset.l"))
         assert first == int(np.argmax(res.checkpoints[0].tables.top_vals_NM[:, 0]))
+        # a range filter keeps exactly the latents in range (on the table's own, rounded, values)
+        ms = _load_js(Path(cfg.out) / "explorer" / "data" / "c0" / "table.js")[1]["ms"]
+        driver.execute_script("const i = document.querySelector(\"input[data-min='ms']\"); i.value = '0.85'; i.oninput();")
+        want = sum(v is not None and v >= 0.85 for v in ms)
+        assert driver.execute_script("return document.querySelector('#count').textContent") == f"{want} of {N_LAT} latents"
+        driver.execute_script("const i = document.querySelector(\"input[data-min='ms']\"); i.value = ''; i.oninput();")
+        # a latent number and Enter open that latent
+        box = driver.find_element("css selector", "#q")
+        box.send_keys("5\n")
+        _wait(driver, "return location.hash.endsWith('l=5') && document.querySelector('#detail .latent') !== null")
+        box.clear()
+        driver.execute_script("document.querySelector('#q').oninput()")
         # hide dead latents, search a class name
         driver.execute_script("const b = document.querySelector('#dead'); b.checked = false; b.onchange();")
         assert driver.execute_script("return document.querySelector('#count').textContent").startswith(f"{n_live} of")
