@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(BIN)/sae-eval $(DEMO)/topk/*/ckpt.pt $(DEMO)/baselines/*/ckpt.pt --k-sweep 4,8,16,32,64 \
 		--probe-budgets 1,2,4,8,16 --out $(DEMO)/report --quiet
 	@echo; awk '/^\| checkpoint/{p=1} p&&/^$$/{exit} p' $(DEMO)/report/report.md | cut -d'|' -f2,6-9,11,13-15,18-
-	@echo "Full report: $(DEMO)/report/report.md   Latent browser: file://$(abspath $(DEMO))/report/index.html"
+	@echo "Full report: $(DEMO)/report/report.md"
+	@echo "Latent explorer (open in a browser, no server needed): file://$(abspath $(DEMO))/report/index.html"
 
 # The full comparison of EXPERIMENTS.md (all 70,000 Fashion-MNIST images; hours on 2 CPU cores). Resumable.
 experiment: $(STAMP)
@@ -43,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/explorer.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

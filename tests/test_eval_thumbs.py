@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionsae.evaluate.thumbs import FASHION_MNIST_ROOT, ThumbnailSource
+from visionsae.evaluate.thumbs import FASHION_MNIST_ROOT, ThumbnailSource, model_view
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -66,3 +66,18 @@ def test_unavailable_datasets_say_why(tmp_path):
                                           32).unavailable
     src = ThumbnailSource({"id": "folder", "root": None, "split": "all"}, 32)
     assert src.unavailable and src.png(0) is None
+
+
+def test_thumbnail_shows_the_models_centre_crop(tmp_path):
+    # resize the shorter side 50 -> 64 (x1.28), centre-crop 56 x 56: the model sees 43.75 source pixels square
+    prep = {"resize": 64, "crop": "center", "image_size": [56, 56]}
+    assert model_view((100, 50), prep) == (28, 3, 72, 47)
+    assert model_view((100, 50), {"resize": [56, 56], "crop": "center", "image_size": [56, 56]}) is None
+    assert model_view((100, 50), {}) is None  # no preprocessing record: the whole image
+    img = Image.new("L", (100, 50), 0)
+    img.paste(255, (28, 3, 72, 47))  # white exactly where the crop falls
+    (tmp_path / "a").mkdir()
+    img.save(tmp_path / "a" / "x.png")
+    src = ThumbnailSource({"id": "folder", "root": str(tmp_path), "split": "train"}, size=44, preprocessing=prep)
+    px = _pixels(src.png(0))
+    assert px.shape == (44, 44) and px.min() == 255

@@ -75,6 +75,13 @@ def test_lite0_store_on_photos_matches_timm(tmp_path, lite0):
     with torch.no_grad():
         want = lite0.module.forward_head(lite0.module.forward_features(x), pre_logits=True)
     np.testing.assert_allclose(store.read_rows("embedding", 0, 2), want.numpy(), rtol=1e-4, atol=1e-4)
+    # the stored classifier head (cache_layout.md section 11) applied to the stored embedding = the model's logits
+    head = store.head()
+    assert head.attrs["input"] == "embedding" and head.classes[967] == "espresso" and len(head.classes) == 1000
+    with torch.no_grad():
+        logits = lite0.module(x).numpy()
+    np.testing.assert_allclose(store.read_rows("embedding", 0, 2) @ head.weight_CD.T + head.bias_C, logits,
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_weights_file_safetensors_and_torch(tmp_path):

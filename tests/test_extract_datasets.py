@@ -53,3 +53,14 @@ def test_even_subset_spreads_over_the_split():
     assert picked.tolist() == [0, 142, 285, 428, 571, 714, 857]
     classes = np.repeat(np.arange(10), 100)  # a dataset stored class by class
     assert set(classes[even_subset(1000, 20)]) == set(range(10))
+
+
+def test_imagenet_synset_folders_get_readable_names(tmp_path, image_tree):
+    # ImageNet class folders are WordNet ids: the store records them (classes) and their names (class_names)
+    for synset in ("n04133789", "n01440764"):
+        (tmp_path / "val" / synset).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / synset / "a.png")
+    attrs = open_dataset("imagenet", str(tmp_path), "val").attrs(2)
+    assert attrs["classes"] == ["n01440764", "n04133789"] and attrs["class_names"] == ["tench", "sandal"]
+    # other trees keep their folder names, and their attributes exactly as before (no class_names key)
+    assert "class_names" not in open_dataset("folder", str(image_tree)).attrs(24)

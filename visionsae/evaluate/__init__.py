@@ -28,8 +28,8 @@ the extract or train stages. The choices it makes, in one place:
   held-out sets, scored on the held-out images; the same probe on raw image-level activations
   (z-scored) is the reference.
 - Output: ``--out`` (default ./eval-report, one report for all checkpoints given, so the training
-  runs' folders stay as sae-train wrote them): report.json, report.md, PNG plots, index.html and
-  thumbs/.
+  runs' folders stay as sae-train wrote them): report.json, report.md, PNG plots, and the latent
+  explorer (index.html, explorer/, thumbs/: every latent, its images, heatmaps and class effects).
 """
 
 from visionsae.evaluate.config import EvalConfig

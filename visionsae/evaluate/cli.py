@@ -38,12 +38,11 @@ def _ints(text: tuple[int, ...]) -> str:
               help="Report directory (created; report files in it are replaced).")
 @click.option("--batch-rows", type=int, default=_D.batch_rows, help="Rows per forward pass.")
 @click.option("--top-images", type=int, default=_D.top_images, help="Top images per latent for purity and the page.")
-@click.option("--html-latents", type=int, default=_D.html_latents, help="Latents shown per checkpoint in index.html.")
 @click.option("--seed", type=int, default=_D.seed)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
 def main(checkpoints, store, k_sweep, ms_embeddings, ms_embeddings_layer, probe_budgets, max_images,
-         probe_train_images, device, out, batch_rows, top_images, html_latents, seed, quiet):
+         probe_train_images, device, out, batch_rows, top_images, seed, quiet):
     """Evaluate SAE checkpoints on their held-out images; write report.json, report.md, plots and index.html.
 
     Reads the store each checkpoint was trained on (or --store) and evaluates on the checkpoint's held-out
@@ -55,10 +54,10 @@ def main(checkpoints, store, k_sweep, ms_embeddings, ms_embeddings_layer, probe_
                      ms_embeddings=ms_embeddings, ms_embeddings_layer=ms_embeddings_layer,
                      probe_budgets=parse_int_list(probe_budgets, "--probe-budgets"), max_images=max_images,
                      probe_train_images=probe_train_images, device=device, out=out, batch_rows=batch_rows,
-                     top_images=top_images, html_latents=html_latents, seed=seed, progress=not quiet)
+                     top_images=top_images, seed=seed, progress=not quiet)
     result = run(cfg)
     click.echo(f"evaluated {len(result.checkpoints)} checkpoint(s); report in {cfg.out}/ "
-               "(report.md, report.json, index.html)")
+               f"(report.md, report.json, and the latent explorer: open {cfg.out}/index.html in a browser)")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ class EvalConfig:
     device: str = "auto"  # auto | cuda | cpu
     out: str = DEFAULT_OUT
     batch_rows: int = 4096  # rows per forward pass (whole images)
-    top_images: int = 50  # top-activating images per latent, for purity and the HTML page
-    html_latents: int = 24  # latents shown per checkpoint in index.html
-    html_images: int = 8  # thumbnails per latent
+    top_images: int = 50  # top-activating images per latent, for purity and the explorer
+    html_images: int = 12  # top images shown on a latent's page in the explorer (index.html)
     thumb_size: int = 64  # pixels
     seed: int = 0
     progress: bool = True

@@ -17,6 +17,7 @@ import torch
 from visionsae.errors import UserError
 from visionsae.evaluate import monosemanticity, purity
 from visionsae.evaluate.codes import ImageCodes
+from visionsae.evaluate.latent_stats import LatentExtras, LatentStatsAccumulator
 from visionsae.evaluate.inputs import Checkpoint
 from visionsae.evaluate.metrics import ReconAccumulator, SparsityAccumulator
 from visionsae.evaluate.probes import TopCodes
@@ -35,6 +36,7 @@ class LatentTables:
     top_class_N: np.ndarray  # -1: fires on no labelled image
     top_vals_NM: np.ndarray  # per-image activation of the top images, decreasing
     top_slots_NM: np.ndarray  # their store slots
+    extras: LatentExtras | None = None  # histograms, samples, class lists for the explorer
 
 
 class ModelEval:
@@ -55,6 +57,7 @@ class ModelEval:
         self.counts = purity.ClassCounts(n, n_classes, device) if n_classes else None
         self.codes_eval, self.codes_train = TopCodes(max_budget), TopCodes(max_budget)
         self.image_fire_N = torch.zeros(n, dtype=torch.int64, device=device)
+        self.latent_stats = LatentStatsAccumulator(n, device=device)
         self.n_images = 0
 
     @torch.no_grad()
@@ -70,6 +73,7 @@ class ModelEval:
         self.image_fire_N += torch.bincount(codes.lat_P, minlength=self.n_latents)
         self.ms.update(codes, e_IE)
         self.top.update(codes, slots_I)
+        self.latent_stats.update(codes, slots_I)
         if self.counts is not None:
             self.counts.update(codes, labels_I)
         self._update_codes(self.codes_eval, acts_RK, idx_RK, codes)
@@ -124,7 +128,8 @@ class ModelEval:
         tables = LatentTables(
             firing_rate_N=density_N, image_rate_N=self.image_fire_N.cpu().numpy() / max(self.n_images, 1),
             ms_N=ms_N, purity_top_N=purity_top, purity_all_N=purity_all, top_class_N=top_class,
-            top_vals_NM=top_vals, top_slots_NM=top_slots)
+            top_vals_NM=top_vals, top_slots_NM=top_slots,
+            extras=self.latent_stats.result(counts_NC if self.counts is not None else None))
         summary = {
             "reconstruction": self.recon.result(),
             "sparsity": sparsity,

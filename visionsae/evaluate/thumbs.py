@@ -9,6 +9,9 @@ sae-extract's numbering (the dataset index of a slot is ``store.image_index``); 
 - ``imagenet`` (``<root>/<split>``) and ``folder`` (``<root>``): the image files under that folder,
   recursively, sorted by their relative path; the index is the position in that order.
 
+With the store's preprocessing record (``backbone.preprocessing``) a thumbnail shows what the model saw:
+the centre crop that the resize-then-crop preprocessing keeps, so token heatmaps lie on the right pixels.
+
 When a dataset cannot be read here (another machine's path, an unknown id), ``ThumbnailSource``
 says why in ``unavailable`` and the report shows that sentence instead of pictures.
 """
@@ -33,8 +36,9 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 class ThumbnailSource:
     """``png(dataset_index)`` -> PNG bytes of a ``size``-pixel thumbnail, or None if it cannot be read."""
 
-    def __init__(self, dataset: dict, size: int):
+    def __init__(self, dataset: dict, size: int, preprocessing: dict | None = None):
         self.size = size
+        self.preprocessing = preprocessing or {}
         self.unavailable: str | None = None
         self._load: Callable[[int], Image.Image] | None = None
         try:
@@ -49,6 +53,9 @@ class ThumbnailSource:
             img = self._load(int(index)).convert("RGB")
         except _DECODE_ERRORS:
             return None
+        box = model_view(img.size, self.preprocessing)
+        if box is not None:
+            img = img.crop(box)
         w, h = img.size
         if max(w, h) < self.size:
             # Small images are enlarged by a whole factor without smoothing, so their pixels stay crisp.
@@ -57,8 +64,29 @@ class ThumbnailSource:
         else:
             img.thumbnail((self.size, self.size), Image.BILINEAR)
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", compress_level=1)  # the default 6: 1.4x slower, 7% smaller (measured)
         return buf.getvalue()
+
+
+def model_view(size: tuple[int, int], prep: dict) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) of an image of ``size`` (w, h) that a resize to ``prep["resize"]``
+    (shorter side, or [h, w]) followed by a centre crop to ``prep["image_size"]`` keeps; None: all of it."""
+    if prep.get("crop") != "center" or not prep.get("image_size"):
+        return None
+    w, h = size
+    crop_h, crop_w = (int(v) for v in prep["image_size"])
+    resize = prep.get("resize")
+    if isinstance(resize, int):
+        sx = sy = resize / min(w, h)
+    elif isinstance(resize, (list, tuple)) and len(resize) == 2:
+        sy, sx = resize[0] / h, resize[1] / w
+    else:
+        sx = sy = 1.0
+    bw, bh = min(w, crop_w / sx), min(h, crop_h / sy)
+    if bw >= w - 0.5 and bh >= h - 0.5:
+        return None
+    left, top = (w - bw) / 2, (h - bh) / 2
+    return int(round(left)), int(round(top)), int(round(left + bw)), int(round(top + bh))
 
 
 def _opener(dataset: dict) -> tuple[Callable[[int], Image.Image], int]:

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,9 @@ class Backbone:
     embed: Callable[[torch.Tensor], torch.Tensor]  # images -> final image embedding [B, D]
     embed_source: str  # what ``embed`` reads, recorded as the embedding layer's source
     features: Callable[[torch.Tensor], Any]  # images -> runs every block (no head)
+    # The classifier applied to ``embed``'s output, when the model has one (timm classifiers):
+    # (weight_CD, bias_C, attributes of cache_layout.md section 11), saved in the store by sae-extract.
+    head: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None = None
 
     def fingerprint(self) -> str:
         return weights_fingerprint(self.module.state_dict())
@@ -124,8 +128,33 @@ def _timm_backbone(alias: str, name: str, random_init: bool, weights: str | None
         id=bb_id, weights=source, module=net, transform=transform, preprocessing=describe_transform(transform),
         **_timm_structure(net, ""),
         embed=lambda x: net.forward_head(net.forward_features(x), pre_logits=True),
-        embed_source="forward_head(pre_logits=True)", features=net.forward_features,
+        embed_source="forward_head(pre_logits=True)", features=net.forward_features, head=timm_head(net),
     )
+
+
+def timm_head(net: nn.Module) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """The linear classifier after ``forward_head(pre_logits=True)`` with its class names: ImageNet's (timm
+    ships them, for 1k / 22k heads) or the class numbers; None for models without a classifier."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    from visionsae.store.extras import head_attrs
+    fc = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if not isinstance(fc, nn.Linear) or fc.out_features == 0:
+        return None
+    weight_CD = fc.weight.detach().float().cpu().numpy().copy()
+    bias_C = (fc.bias.detach().float().cpu().numpy().copy() if fc.bias is not None
+              else np.zeros(fc.out_features, dtype=np.float32))
+    subset = infer_imagenet_subset(net)
+    class_ids = None
+    if subset is not None and fc.out_features == ImageNetInfo(subset).num_classes():
+        info = ImageNetInfo(subset)
+        class_ids = list(info.label_names())
+        classes = [info.label_name_to_description(c).split(",")[0].strip() for c in class_ids]
+    else:
+        classes = [str(c) for c in range(fc.out_features)]
+    attrs = head_attrs(weight_CD, input_kind="embedding", source="get_classifier()", classes=classes,
+                       class_ids=class_ids)
+    return weight_CD, bias_C, attrs
 
 
 def _timm_structure(net: nn.Module, prefix: str) -> dict[str, Any]:

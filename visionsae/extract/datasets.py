@@ -35,8 +35,9 @@ class ImageSource:
     """An ordered list of images: ``load(i)`` for i in range(len(self)), ``indices[i]``, ``labels[i]``."""
 
     def __init__(self, dataset_id: str, root: str | None, split: str, classes: list[str],
-                 indices: np.ndarray, labels: np.ndarray):
+                 indices: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None):
         self.id, self.root, self.split, self.classes = dataset_id, root, split, classes
+        self.class_names = class_names  # readable names where ``classes`` are ids (ImageNet synsets)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
 
@@ -50,8 +51,11 @@ class ImageSource:
         return f"{self.id} image {int(self.indices[i])}"
 
     def attrs(self, n_images: int) -> dict[str, Any]:
-        return {"id": self.id, "root": self.root, "split": self.split, "n_images": int(n_images),
-                "classes": list(self.classes)}
+        out = {"id": self.id, "root": self.root, "split": self.split, "n_images": int(n_images),
+               "classes": list(self.classes)}
+        if self.class_names is not None:  # only then: stores of other datasets keep their exact bytes
+            out["class_names"] = list(self.class_names)
+        return out
 
 
 class ArraySource(ImageSource):
@@ -191,7 +195,25 @@ def _tree(dataset_id: str, where: Path, data_root: str, split: str) -> ImageSour
     lookup = {c: k for k, c in enumerate(classes)}
     labels = np.array([lookup[parts[0]] if len(parts) > 1 else -1 for parts in rel], dtype=np.int64)
     return FileSource(files, dataset_id=dataset_id, root=str(data_root), split=split, classes=classes,
-                      indices=np.arange(len(files)), labels=labels)
+                      indices=np.arange(len(files)), labels=labels, class_names=synset_names(classes))
+
+
+def synset_names(classes: list[str]) -> list[str] | None:
+    """Readable names of WordNet synset ids (``n01440764`` -> ``tench``) from the ImageNet class list timm
+    ships; None unless every name is a synset timm knows (folder trees keep their folder names)."""
+    if not classes or not all(len(c) == 9 and c[0] == "n" and c[1:].isdigit() for c in classes):
+        return None
+    try:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()  # the 1000 classes of ILSVRC-2012, else the 21,841 of ImageNet-22k
+        if not set(classes) <= set(info.label_names()):
+            info = ImageNetInfo("imagenet-22k")
+    except (ImportError, OSError, ValueError, KeyError):
+        return None
+    known = set(info.label_names())
+    if not set(classes) <= known:
+        return None
+    return [info.label_name_to_description(c).split(",")[0].strip() for c in classes]
 
 
 class SlotImages(torch.utils.data.Dataset):

@@ -30,6 +30,7 @@ from visionsae.extract.datasets import ImageSource, SlotImages, even_subset, ope
 from visionsae.extract.layers import Capture, default_tokens, resolve_layers
 from visionsae.extract.workers import BackgroundWriter, Ranks, copy_to_host
 from visionsae.store import StoreSpec, StoreWriter, open_store
+from visionsae.store.extras import write_head
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,6 +84,8 @@ def run_plan(plan: "Plan", cfg: ExtractConfig, ranks: Ranks | None = None, t0: f
             writer.finalize()
     finally:
         writer.close()
+    if ranks.rank == 0 and plan.backbone.head is not None:  # the optional head (cache_layout.md section 11)
+        write_head(cfg.out_path(), *plan.backbone.head)
     n_skipped = int(open_store(cfg.out_path()).attrs.get("n_skipped", 0)) if ranks.rank == 0 else -1
     return ExtractResult(cfg.out_path(), plan.spec.n_images, plan.spec.n_shards, written, images, n_skipped,
                          time.perf_counter() - t0)

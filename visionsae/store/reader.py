@@ -299,6 +299,18 @@ class Store:
         for s in range(self.n_shards):
             self.verify_shard(s)
 
+    # --- optional parts (cache_layout.md section 11) -------------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        """Readable class names, index = label: ``dataset.class_names`` where the store records them (ImageNet
+        synsets), else ``dataset.classes``; empty for a store without classes."""
+        return list(self.dataset.get("class_names") or self.dataset.get("classes") or [])
+
+    def head(self):
+        """The backbone's classifier head (``visionsae.store.extras.ClassifierHead``), or None."""
+        from visionsae.store.extras import read_head
+        return read_head(self.path)
+
 
 class _H5Reader(H5Source):
     """The HDF5 source with the keys and whole-shard reads the reader needs (cache_layout.md section 3)."""

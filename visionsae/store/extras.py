@@ -1,0 +1,106 @@
+"""Optional parts of a store (cache_layout.md section 11): the backbone's classifier head.
+
+The head is written after the store is complete and read only by evaluation (the explorer applies it
+to SAE decoder directions). It lives in its own group, ``head/``, so that a store without it, or a
+reader that ignores it, is unaffected. Zarr: the group is written under a temporary name and renamed
+into place, so a crash leaves either the whole head or none. HDF5: one group ``/head``.
+
+Shape suffixes: C classes, D width of the layer that feeds the head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from visionsae.errors import StoreError
+
+HEAD_VERSION = 1
+
+
+class ClassifierHead(NamedTuple):
+    """logits_C = weight_CD @ x_D + bias_C, for x a row of the layer named by ``attrs["input"]``."""
+
+    weight_CD: np.ndarray  # float32
+    bias_C: np.ndarray  # float32
+    attrs: dict[str, Any]  # version, input, source, d, n_classes, classes, class_ids
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+
+def head_attrs(weight_CD: np.ndarray, *, input_kind: str, source: str, classes: list[str],
+               class_ids: list[str] | None = None) -> dict[str, Any]:
+    C, D = weight_CD.shape
+    if len(classes) != C:
+        raise StoreError(f"the classifier head has {C} outputs but {len(classes)} class names were given")
+    return {"version": HEAD_VERSION, "input": input_kind, "source": source, "d": int(D), "n_classes": int(C),
+            "classes": [str(c) for c in classes],
+            "class_ids": [str(c) for c in class_ids] if class_ids is not None else None}
+
+
+def write_head(path: str | Path, weight_CD: np.ndarray, bias_C: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Add (or replace) the classifier head of the complete store at ``path``."""
+    path = Path(path)
+    weight_CD = np.ascontiguousarray(weight_CD, dtype="<f4")
+    bias_C = np.ascontiguousarray(bias_C, dtype="<f4")
+    if bias_C.shape != (weight_CD.shape[0],) or attrs.get("d") != weight_CD.shape[1]:
+        raise StoreError(f"classifier head of shape {weight_CD.shape} with bias {bias_C.shape} does not match "
+                         f"its attributes (d = {attrs.get('d')})")
+    if path.is_dir():
+        import zarr
+        tmp = path / f"head.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(str(tmp), mode="w", attributes={"visionsae": attrs})
+        for name, arr in (("weight", weight_CD), ("bias", bias_C)):
+            group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape, fill_value=0,
+                               compressors=None, filters=None)[...] = arr
+        final = path / "head"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return
+    import h5py
+    with h5py.File(path, "r+") as f:
+        if "head" in f:
+            del f["head"]
+        g = f.create_group("head")
+        g.create_dataset("weight", data=weight_CD, track_times=False)
+        g.create_dataset("bias", data=bias_C, track_times=False)
+        g.attrs["visionsae"] = json.dumps(attrs)  # last: a head without attributes is ignored
+
+
+def read_head(path: str | Path) -> ClassifierHead | None:
+    """The store's classifier head, or None when it has none (or only part of one)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            meta_file = path / "head" / "zarr.json"
+            if not meta_file.is_file():
+                return None
+            import zarr
+            group = zarr.open_group(str(path / "head"), mode="r")
+            attrs = dict(group.attrs).get("visionsae")
+            weight, bias = group["weight"][...], group["bias"][...]
+        else:
+            import h5py
+            with h5py.File(path, "r") as f:
+                if "head" not in f or "visionsae" not in f["head"].attrs:
+                    return None
+                attrs = json.loads(f["head"].attrs["visionsae"])
+                weight, bias = f["head/weight"][...], f["head/bias"][...]
+    except (KeyError, OSError, ValueError) as err:
+        raise StoreError(f"the classifier head of {path} is damaged ({type(err).__name__}): rerun sae-extract "
+                         "with --resume to write it again") from None
+    if not isinstance(attrs, dict) or attrs.get("version") != HEAD_VERSION:
+        return None  # another version of this optional part: ignored, never misread
+    if weight.shape != (attrs["n_classes"], attrs["d"]) or bias.shape != (attrs["n_classes"],):
+        raise StoreError(f"the classifier head of {path} has weight {weight.shape} and bias {bias.shape}, its "
+                         f"attributes say {attrs['n_classes']} x {attrs['d']}: rerun sae-extract --resume")
+    return ClassifierHead(np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32), attrs)
