@@ -10,8 +10,10 @@ already map raw activations (normalize_activations "none"). Mapping: topk -> "to
 "standard" (ReLU); batchtopk -> "jumprelu" with every threshold equal to the learned inference
 threshold (keep z > threshold, exactly this model's inference rule). SoftSAE has no SAELens
 counterpart (its k is per input) and is refused. ``rescale_acts_by_decoder_norm`` is true: it scales
-each latent by its decoder row's norm, which is 1 here, so it changes nothing and lets SAELens fold the
-decoder norm (``SAE.load_from_disk(dir, fold_W_dec_norm=True)``), which it refuses for Top-k otherwise.
+each latent by its decoder row's norm, which is 1 here (to float32 rounding), so it changes nothing and
+lets SAELens fold the decoder norm (``SAE.load_from_disk(dir, fold_W_dec_norm=True)``), which it refuses
+for Top-k otherwise. ``metadata.model_name`` is the backbone's id; the store's fingerprint is
+``metadata.store_fingerprint``.
 
 ``export_sparsify`` writes the layout EleutherAI sparsify's ``SparseCoder.load_from_disk(dir)`` reads:
 
@@ -61,7 +63,7 @@ def export_saelens(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     }
     if arch == "topk":
         sae_cfg["k"] = cfg.k
-        sae_cfg["rescale_acts_by_decoder_norm"] = True  # exact: decoder rows are unit norm
+        sae_cfg["rescale_acts_by_decoder_norm"] = True  # a no-op: decoder rows are unit norm
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "sae_weights.safetensors"))
