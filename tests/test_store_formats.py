@@ -93,3 +93,25 @@ def test_one_line_of_numpy_views_bfloat16_as_torch_does(tmp_path):
     viewed = (a.astype(np.uint32) << 16).view(np.float32)  # the line cache_layout.md gives
     want = values.to(torch.bfloat16).float().numpy()
     assert viewed.tobytes() == want.tobytes()
+
+
+def test_an_archive_mode_store_opens_in_xarray_and_still_verifies(tmp_path):
+    """Archive mode (zstd chunks written through zarr): the same names and consolidation."""
+    from visionsae.store import LayerSpec, StoreSpec, StoreWriter
+    n, T, d = 10, 3, 4
+    acts = np.random.default_rng(2).standard_normal((n * T, d)).astype(np.float32)
+    spec = StoreSpec(backbone={"id": "toy", "weights": "none", "fingerprint": None, "preprocessing": None},
+                     dataset={"id": "toy", "root": None, "split": "train", "n_images": n, "classes": []},
+                     tokens="all", dtype="float32", layers=(LayerSpec("b", "b", "residual", d, T, "all"),),
+                     images_per_shard=4, compressed=True)
+    writer = StoreWriter.create(tmp_path / "z.zarr", spec)
+    for s in range(writer.n_shards):
+        a, b = writer.shard_slots(s)
+        writer.write_shard(s, index=np.arange(a, b), label=np.full(b - a, -1), valid=np.ones(b - a, bool),
+                           acts={"b": acts[a * T:b * T]})
+    writer.finalize()
+    writer.close()
+    open_store(tmp_path / "z.zarr").verify()
+    ds = _open_strict(xr.open_zarr, tmp_path / "z.zarr", group="layers/b")
+    assert ds["acts"].dims == ("row", "feature")
+    np.testing.assert_array_equal(ds["acts"].values, acts)

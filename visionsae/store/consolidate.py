@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # The dimension names of each array (Zarr v3 ``dimension_names``), by the array's last path component.
 DIMENSION_NAMES = {"index": ("slot",), "label": ("slot",), "valid": ("slot",),
                    "acts": ("row", "feature"), "mean": ("feature",)}
 
 
-def consolidated_metadata(store: Path) -> dict[str, Any]:
-    """The root's ``consolidated_metadata`` (zarr-python 3's inline form): every node's ``zarr.json``
-    keyed by its path, except the manifest's records.
+def consolidated_metadata(store: Path, nodes: Iterable[str]) -> dict[str, Any]:
+    """The root's ``consolidated_metadata`` (zarr-python 3's inline form): the ``zarr.json`` of each of
+    ``nodes`` (paths below the root: every group and array except the manifest's records), by path.
 
     The records are left out (the ``manifest`` entry says ``consolidated_metadata: null``) because they
     grow with the number of shards and hold per-shard statistics: copied into the root, every open of the
@@ -22,11 +22,8 @@ def consolidated_metadata(store: Path) -> dict[str, Any]:
     root; readers of the records open the store with ``use_consolidated=False`` or read the files.
     """
     flat: dict[str, Any] = {}
-    for meta_file in store.rglob("zarr.json"):
-        rel = meta_file.parent.relative_to(store).as_posix()
-        if rel == "." or rel.startswith("manifest/"):
-            continue
-        meta = json.loads(meta_file.read_text())
+    for rel in nodes:
+        meta = json.loads((store / rel / "zarr.json").read_text())
         if meta.get("node_type") == "group":
             meta["consolidated_metadata"] = (None if rel == "manifest" else
                                              {"kind": "inline", "must_understand": False, "metadata": {}})

@@ -232,16 +232,20 @@ class ZarrWriter(StoreWriter):
     def _check_layout(self) -> None:
         """Every metadata file of section 2 is there and parses (a store laid out by an older visionsae
         and killed half-way is not)."""
-        names = ["images", "layers", "manifest"] + [f"images/{a}" for a in ("index", "label", "valid")]
-        for layer in self.spec.layers:
-            names += [f"layers/{layer.name}", f"layers/{layer.name}/acts", f"layers/{layer.name}/mean"]
-        for name in names:
+        for name in self._node_names():
             f = self.path / name / "zarr.json"
             try:
                 json.loads(f.read_text())
             except (OSError, ValueError):
                 raise StoreError(f"{self.path} is an unfinished store skeleton ({name}/zarr.json is missing or "
                                  "damaged): rerun sae-extract with --overwrite") from None
+
+    def _node_names(self) -> list[str]:
+        """Every group and array of section 2 below the root, the manifest's records excepted."""
+        names = ["images", "layers", "manifest"] + [f"images/{a}" for a in ("index", "label", "valid")]
+        for layer in self.spec.layers:
+            names += [f"layers/{layer.name}", f"layers/{layer.name}/acts", f"layers/{layer.name}/mean"]
+        return names
 
     def _write_chunks(self, shard, index, label, valid_u8, stored):
         arrays = {"images/index": index, "images/label": label, "images/valid": valid_u8}
@@ -295,7 +299,7 @@ class ZarrWriter(StoreWriter):
         # One write sets `complete` and the consolidated metadata (of the final layer attributes) together.
         meta = _read_json(self.path / "zarr.json", self.path)
         meta["attributes"]["visionsae"] = {**meta["attributes"]["visionsae"], "complete": True, "n_skipped": n_skipped}
-        meta["consolidated_metadata"] = consolidated_metadata(self.path)
+        meta["consolidated_metadata"] = consolidated_metadata(self.path, self._node_names())
         atomic_write(self.path / "zarr.json", json.dumps(meta, indent=2).encode())
 
 
