@@ -298,7 +298,8 @@ class ZarrWriter(StoreWriter):
             _update_attrs(self.path / "layers" / name / "zarr.json", attrs)
         # One write sets `complete` and the consolidated metadata (of the final layer attributes) together.
         meta = _read_json(self.path / "zarr.json", self.path)
-        meta["attributes"]["visionsae"] = {**meta["attributes"]["visionsae"], "complete": True, "n_skipped": n_skipped}
+        root = meta["attributes"]["visionsae"]
+        meta["attributes"]["visionsae"] = {**root, "complete": True, "n_skipped": n_skipped}
         meta["consolidated_metadata"] = consolidated_metadata(self.path, self._node_names())
         atomic_write(self.path / "zarr.json", json.dumps(meta, indent=2).encode())
 
