@@ -7,7 +7,8 @@
      "config": SAEConfig.to_dict(),            # rebuilds the modules
      "state_dict": {name: tensor},             # weights that map RAW store activations
      "input_scale": float,                     # the scale used in training, already folded in
-     "store": {"path": str, "fingerprint": str, "layer_fingerprint": str | None, "layer": str, "d": int},
+     "store": {"path": str, "fingerprint": str, "layer_fingerprint": str | None, "layer": str, "d": int,
+               "backbone": str},                # the backbone's id (absent in older checkpoints)
      "split": {"val_slots": LongTensor, "val_fraction": float, "seed": int},
      "train": {...the training config...},
      "step": int, "metrics": {name: float},

@@ -22,6 +22,7 @@ from visionsae import faults
 from visionsae.errors import StoreError
 from visionsae.locks import OutputLock
 from visionsae.store import hdf5_backend
+from visionsae.store.consolidate import DIMENSION_NAMES, consolidated_metadata
 from visionsae.store.layout import (HDF5_SIGNATURE, LayerSpec, StoreSpec, atomic_write, crc32_of, fsync_dir,
                                     shard_record_name, storage_dtype, to_storage)
 
@@ -195,16 +196,17 @@ class ZarrWriter(StoreWriter):
             root = zarr.open_group(str(tmp), mode="w-", attributes={"visionsae": spec.root_attrs()})
             for name, dtype in (("index", "int64"), ("label", "int64"), ("valid", "uint8")):
                 root.create_array(f"images/{name}", shape=(spec.n_images,), chunks=(spec.images_per_shard,),
-                                  dtype=dtype, fill_value=0, **codecs)
+                                  dtype=dtype, fill_value=0, dimension_names=DIMENSION_NAMES[name], **codecs)
             layers = root.create_group("layers")
             for layer in spec.layers:
                 g = layers.create_group(layer.name, attributes={"visionsae": layer.attrs(spec.dtype)})
                 T = layer.tokens_per_image
                 g.create_array("acts", shape=(spec.n_images * T, layer.d),
                                chunks=(spec.images_per_shard * T, layer.d),
-                               dtype=storage_dtype(spec.dtype).newbyteorder("="), fill_value=0, **codecs)
+                               dtype=storage_dtype(spec.dtype).newbyteorder("="), fill_value=0,
+                               dimension_names=DIMENSION_NAMES["acts"], **codecs)
                 g.create_array("mean", shape=(layer.d,), chunks=(layer.d,), dtype="float64", fill_value=0,
-                               compressors=None, filters=None)
+                               compressors=None, filters=None, dimension_names=DIMENSION_NAMES["mean"])
             root.create_group("manifest")
             for meta in sorted(tmp.rglob("zarr.json")):
                 with open(meta, "rb+") as f:
@@ -230,16 +232,20 @@ class ZarrWriter(StoreWriter):
     def _check_layout(self) -> None:
         """Every metadata file of section 2 is there and parses (a store laid out by an older visionsae
         and killed half-way is not)."""
-        names = ["images", "layers", "manifest"] + [f"images/{a}" for a in ("index", "label", "valid")]
-        for layer in self.spec.layers:
-            names += [f"layers/{layer.name}", f"layers/{layer.name}/acts", f"layers/{layer.name}/mean"]
-        for name in names:
+        for name in self._node_names():
             f = self.path / name / "zarr.json"
             try:
                 json.loads(f.read_text())
             except (OSError, ValueError):
                 raise StoreError(f"{self.path} is an unfinished store skeleton ({name}/zarr.json is missing or "
                                  "damaged): rerun sae-extract with --overwrite") from None
+
+    def _node_names(self) -> list[str]:
+        """Every group and array of section 2 below the root, the manifest's records excepted."""
+        names = ["images", "layers", "manifest"] + [f"images/{a}" for a in ("index", "label", "valid")]
+        for layer in self.spec.layers:
+            names += [f"layers/{layer.name}", f"layers/{layer.name}/acts", f"layers/{layer.name}/mean"]
+        return names
 
     def _write_chunks(self, shard, index, label, valid_u8, stored):
         arrays = {"images/index": index, "images/label": label, "images/valid": valid_u8}
@@ -290,8 +296,12 @@ class ZarrWriter(StoreWriter):
             mean_bytes = np.ascontiguousarray(means[name], dtype="<f8")
             atomic_write(self.path / "layers" / name / "mean" / "c" / "0", memoryview(mean_bytes).cast("B"))
             _update_attrs(self.path / "layers" / name / "zarr.json", attrs)
-        root = _read_json(self.path / "zarr.json", self.path)["attributes"]["visionsae"]
-        _update_attrs(self.path / "zarr.json", {**root, "complete": True, "n_skipped": n_skipped})
+        # One write sets `complete` and the consolidated metadata (of the final layer attributes) together.
+        meta = _read_json(self.path / "zarr.json", self.path)
+        root = meta["attributes"]["visionsae"]
+        meta["attributes"]["visionsae"] = {**root, "complete": True, "n_skipped": n_skipped}
+        meta["consolidated_metadata"] = consolidated_metadata(self.path, self._node_names())
+        atomic_write(self.path / "zarr.json", json.dumps(meta, indent=2).encode())
 
 
 class H5Writer(hdf5_backend.H5WriterMixin, StoreWriter):

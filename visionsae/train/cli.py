@@ -64,6 +64,7 @@ def _list(kind, name):
 @click.option("--prefetch", type=int, default=4, show_default=True, help="Batches prepared ahead.")
 @click.option("--stop-at-step", type=int, default=None, help="Save and stop at this step (continue with --resume).")
 @click.option("--export-saelens", is_flag=True, help="Also write <run>/saelens/ (safetensors + cfg.json).")
+@click.option("--export-sparsify", is_flag=True, help="Also write <run>/sparsify/ (sparsify's layout; topk runs).")
 @click.option("--l1-coeff", type=float, default=None, help="relu: l1 weight (default 5 / d).")
 @click.option("--softk-alpha", type=float, default=1e-4, show_default=True, help="softk: LapSum temperature.")
 @click.option("--softk-weight", type=float, default=None, help="softk: k-penalty weight (default 1 / d).")

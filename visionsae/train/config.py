@@ -66,6 +66,7 @@ class TrainConfig:
     prefetch: int = 4  # batches prepared ahead by the loader thread
     stop_at_step: int | None = None  # save and stop at this step (a scheduled interruption; --resume continues)
     export_saelens: bool = False
+    export_sparsify: bool = False
     l1_coeff: float | None = None  # relu: l1 weight (default 5 / d)
     softk_alpha: float = 1e-4  # softk: LapSum temperature
     softk_weight: float | None = None  # softk: k penalty weight (default 1 / d)

@@ -28,7 +28,7 @@ from visionsae.store import Store, open_store
 from visionsae.train import distributed
 from visionsae.train.config import RunSpec, TrainConfig, default_lr, expand_runs
 from visionsae.train.validation import validation_metrics
-from visionsae.train.export import export_saelens
+from visionsae.train.export import export_saelens, export_sparsify
 from visionsae.train.loader import Loader, make_split
 from visionsae.train.runner import Run
 from visionsae.train.state import (append_log, check_out_dir, check_resumable, clear_out_dir, has_run_files,
@@ -140,7 +140,7 @@ class Trainer:
         self.train_slots, self.val_slots = make_split(self.store, cfg.val_fraction, cfg.seed)
         self.store_id = {"path": str(Path(cfg.store).resolve()), "fingerprint": self.store.fingerprint,
                          "layer_fingerprint": self.store.layer_fingerprint(info.name), "layer": info.name,
-                         "d": int(info.d)}
+                         "d": int(info.d), "backbone": self.store.backbone.get("id")}
         self.state = load_state(self.out) if cfg.resume and not self.fresh else None
         if self.state is not None:
             check_resumable(self.state["config"], cfg.to_dict(), self.state["store"], self.store_id)
@@ -288,6 +288,12 @@ class Trainer:
                     export_saelens(p, p.parent / "saelens")
                 except UserError as err:
                     print(f"note: no SAELens export for {p.parent.name}: {err}")
+        if main and cfg.export_sparsify:
+            for p in paths:
+                try:
+                    export_sparsify(p, p.parent / "sparsify")
+                except UserError as err:
+                    print(f"note: no sparsify export for {p.parent.name}: {err}")
         return paths
 
     def _log_all(self, t0: float) -> dict[str, dict[str, float]]:
