@@ -55,6 +55,10 @@ def test_xarray_opens_every_group_of_an_extracted_store(extracted):
     assert tree.attrs["visionsae"]["complete"] is True
     for name in store.layer_names:
         np.testing.assert_array_equal(tree[f"layers/{name}"]["mean"].values, store.layer(name).mean)
+    # timm's test_vit has a classifier head, written after finalize and consolidated with the rest
+    head = store.head()
+    assert tree["head"]["weight"].dims == ("class", "feature")
+    np.testing.assert_array_equal(tree["head"]["weight"].values, head.weight_CD)
 
 
 def test_consolidated_metadata_is_zarrs_own_less_the_manifest_records(extracted, tmp_path):

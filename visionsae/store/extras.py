@@ -19,8 +19,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from visionsae.errors import StoreError
+from visionsae.store.consolidate import consolidated_metadata
+from visionsae.store.layout import atomic_write
 
 HEAD_VERSION = 1
+HEAD_DIMENSION_NAMES = {"weight": ("class", "feature"), "bias": ("class",)}
 
 
 class ClassifierHead(NamedTuple):
@@ -60,11 +63,12 @@ def write_head(path: str | Path, weight_CD: np.ndarray, bias_C: np.ndarray, attr
         group = zarr.open_group(str(tmp), mode="w", attributes={"visionsae": attrs})
         for name, arr in (("weight", weight_CD), ("bias", bias_C)):
             group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape, fill_value=0,
-                               compressors=None, filters=None)[...] = arr
+                               compressors=None, filters=None, dimension_names=HEAD_DIMENSION_NAMES[name])[...] = arr
         final = path / "head"
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _consolidate_head(path)
         return
     import h5py
     with h5py.File(path, "r+") as f:
@@ -74,6 +78,18 @@ def write_head(path: str | Path, weight_CD: np.ndarray, bias_C: np.ndarray, attr
         g.create_dataset("weight", data=weight_CD, track_times=False)
         g.create_dataset("bias", data=bias_C, track_times=False)
         g.attrs["visionsae"] = json.dumps(attrs)  # last: a head without attributes is ignored
+
+
+def _consolidate_head(path: Path) -> None:
+    """Add the head's nodes to the root's consolidated metadata (written at finalize, before the head), so
+    tools that open the store through it (xarray) see the head too."""
+    root_file = path / "zarr.json"
+    root = json.loads(root_file.read_text())
+    if not isinstance(root.get("consolidated_metadata"), dict):
+        return  # an unconsolidated store: readers list the nodes themselves
+    nodes = dict.fromkeys([*root["consolidated_metadata"]["metadata"], "head", "head/weight", "head/bias"])
+    root["consolidated_metadata"] = consolidated_metadata(path, nodes)
+    atomic_write(root_file, json.dumps(root, indent=2).encode())
 
 
 def read_head(path: str | Path) -> ClassifierHead | None:
