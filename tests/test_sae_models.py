@@ -59,9 +59,8 @@ def test_fold_input_scale_maps_raw_inputs(arch):
     x_BD = torch.randn(16, D, dtype=torch.double) * 3 + 1
     s = 0.37
     model = _model(arch)
-    if arch == "batchtopk":  # give it a learned threshold: one training forward on scaled data
-        model.train()
-        model(x_BD * s)
+    if arch == "batchtopk":  # give it a fitted threshold, on scaled data
+        model.calibrate(x_BD * s)
     if arch == "softk":
         with torch.no_grad():
             model.alpha.fill_(0.3)  # a temperature at which the soft mask is far from hard
@@ -120,7 +119,7 @@ def test_batchtopk_keeps_k_times_batch_in_training():
     out = model(torch.randn(32, D, dtype=torch.double))
     assert int((out.acts_BK > 0).sum()) == K * 32
     assert (out.acts_BK > 0).sum(1).float().std() > 0  # a varying number per input
-    assert model.threshold > 0
+    assert model.threshold < 0  # the training step leaves the threshold alone: calibrate fits it
 
 
 def test_softk_hard_mode_keeps_floor_k_per_input():

@@ -119,3 +119,10 @@ class SparseAutoencoder(nn.Module):
 
     def after_step(self) -> None:
         """After the optimiser step (e.g. renormalise decoder rows)."""
+
+    needs_calibration: ClassVar[bool] = False  # whether calibrate does anything (the trainer then keeps rows for it)
+
+    def calibrate(self, x_BD: torch.Tensor) -> None:
+        """Fit inference-only settings to the current weights on training rows x_BD (scaled units).
+
+        Called before every saved checkpoint, outside the training step (BatchTopK's threshold)."""

@@ -160,6 +160,9 @@ class Trainer:
             sample_BD = self.loader.sample(INIT_SAMPLE_ROWS)
             for run in self.runs:
                 run.model.init_from_sample(sample_BD)
+        # issue 13: rows on which models fit inference-only settings to their current weights (BatchTopK)
+        self.calib_BD = (self.loader.sample(INIT_SAMPLE_ROWS)
+                         if any(r.model.needs_calibration for r in self.runs) else None)
 
     # --- saving ------------------------------------------------------------------------------
     def _train_meta(self, spec: RunSpec) -> dict[str, Any]:
@@ -172,6 +175,7 @@ class Trainer:
 
     def save(self, metrics: dict[str, dict[str, float]]) -> None:
         """Checkpoints of every run, then the trainer state; rank 0 writes, every rank waits for it."""
+        self._calibrate()
         if self.dist.main:
             split = {"val_slots": torch.from_numpy(self.val_slots.copy()), "val_fraction": self.cfg.val_fraction,
                      "seed": self.cfg.seed}
@@ -187,6 +191,12 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state()},
                 "runs": {run.spec.name: run.state_dict() for run in self.runs}})
         self.dist.barrier()
+
+    def _calibrate(self) -> None:
+        """issue 13: every model's inference-only settings fitted to its current weights (same rows on every rank)."""
+        if self.calib_BD is not None:
+            for run in self.runs:
+                run.model.calibrate(self.calib_BD)
 
     def _log(self, run: Run, record: dict[str, Any]) -> None:
         if self.dist.main:
@@ -235,6 +245,7 @@ class Trainer:
             if main:
                 print(f"stopped at step {self.step} of {self.total}; continue with the same command plus --resume")
             return [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
+        self._calibrate()
         final = self._final_metrics(last)
         self.save(final)
         paths = [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
