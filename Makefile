@@ -26,7 +26,7 @@ SAE     := --k 16 --expansion 1 --batch-size 256 --steps 200 --no-progress --ove
 demo: $(STAMP)
 	$(BIN)/sae-extract $(DATA) --out $(DEMO)/acts.zarr --resume
 	$(BIN)/sae-train --store $(DEMO)/acts.zarr --arch topk --reg none,off,ratio,both $(SAE) --out $(DEMO)/topk
-	$(BIN)/sae-train --store $(DEMO)/acts.zarr --arch softk,batchtopk --softk-weight 0.01 $(SAE) --out $(DEMO)/baselines
+	$(BIN)/sae-train --store $(DEMO)/acts.zarr --arch softk,batchtopk $(SAE) --out $(DEMO)/baselines
 	$(BIN)/sae-eval $(DEMO)/topk/*/ckpt.pt $(DEMO)/baselines/*/ckpt.pt --k-sweep 4,8,16,32,64 \
 		--probe-budgets 1,2,4,8,16 --out $(DEMO)/report --quiet
 	@echo; awk '/^\| checkpoint/{p=1} p&&/^$$/{exit} p' $(DEMO)/report/report.md | cut -d'|' -f2,6-9,11,13-15,18-

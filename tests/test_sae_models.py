@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionsae.sae import SAEConfig, architectures, build_sae, load_checkpoint, save_checkpoint
+from visionsae.sae import architectures, build_sae, load_checkpoint, save_checkpoint
 from visionsae.sae.dictionary import encode_affine, gather_decode, geometric_median
+from visionsae.sae.registry import resolve_config
 
 BUILTIN = ("batchtopk", "relu", "softk", "topk")
 
@@ -17,8 +18,7 @@ D, N, K = 12, 48, 4
 
 def _model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
-    extra = {"kest_hidden": 16} if arch == "softk" else {}
-    m = build_sae(SAEConfig(arch=arch, d_in=D, n_latents=N, k=K, extra=extra)).double()
+    m = build_sae(resolve_config(arch, D, N, K, kest_hidden=16)).double()
     with torch.no_grad():  # move away from the tied init so that every parameter matters
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))

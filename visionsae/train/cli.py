@@ -60,8 +60,13 @@ def _list(kind, name):
 @click.option("--stop-at-step", type=int, default=None, help="Save and stop at this step (continue with --resume).")
 @click.option("--export-saelens", is_flag=True, help="Also write <run>/saelens/ (safetensors + cfg.json).")
 @click.option("--l1-coeff", type=float, default=None, help="relu: l1 weight (default 5 / d).")
-@click.option("--softk-alpha", type=float, default=1e-4, show_default=True, help="softk: LapSum temperature.")
-@click.option("--softk-weight", type=float, default=None, help="softk: k-penalty weight (default 1 / d).")
+@click.option("--softk-alpha", type=float, default=1e-4, show_default=True,
+              help="softk: LapSum temperature, in the reference's units (inputs at E||x||^2 = 1; applied as "
+                   "alpha * sqrt(d) to this trainer's E||x||^2 = d inputs).")
+@click.option("--softk-weight", type=float, default=None,
+              help="softk: k-penalty weight (default 1 / variance fraction: the reference's weight 1 in this "
+                   "trainer's loss units). SoftSAE needs about 1,500 steps or more for its mean k to settle "
+                   "near --k; shorter runs land within about 25%.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @one_line_errors
 def main(no_progress: bool, **kwargs) -> None:

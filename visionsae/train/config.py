@@ -65,8 +65,8 @@ class TrainConfig:
     stop_at_step: int | None = None  # save and stop at this step (a scheduled interruption; --resume continues)
     export_saelens: bool = False
     l1_coeff: float | None = None  # relu: l1 weight (default 5 / d)
-    softk_alpha: float = 1e-4  # softk: LapSum temperature
-    softk_weight: float | None = None  # softk: k penalty weight (default 1 / d)
+    softk_alpha: float = 1e-4  # softk: LapSum temperature at E||x||^2 = 1 (the reference's units; x sqrt(d) here)
+    softk_weight: float | None = None  # softk: k penalty weight (default 1 / variance fraction, see sae/softk.py)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:

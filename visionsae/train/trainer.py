@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from visionsae.errors import UserError
 from visionsae.sae.base import SAEConfig
 from visionsae.sae.checkpoint import save_checkpoint
-from visionsae.sae.registry import build_sae
+from visionsae.sae.registry import build_sae, resolve_config
 from visionsae.store import Store, open_store
 from visionsae.train import distributed
 from visionsae.train.config import RunSpec, TrainConfig, default_lr, expand_runs
@@ -89,15 +89,10 @@ def _scale_and_variance(store: Store, layer: str) -> tuple[float, float]:
     return scale, variance
 
 
-def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int) -> SAEConfig:
-    extra: dict[str, Any] = {}
-    if spec.arch == "relu" and cfg.l1_coeff is not None:
-        extra["l1_coeff"] = cfg.l1_coeff
-    if spec.arch == "softk":
-        extra["alpha"] = cfg.softk_alpha
-        if cfg.softk_weight is not None:
-            extra["k_weight"] = cfg.softk_weight
-    return SAEConfig(arch=spec.arch, d_in=d, n_latents=n, k=spec.k, extra=extra)
+def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int, variance: float) -> SAEConfig:
+    # Every variant setting is resolved here and saved in the checkpoint (issue 13); None = the default.
+    return resolve_config(spec.arch, d, n, spec.k, variance_fraction=variance / d, l1_coeff=cfg.l1_coeff,
+                          alpha=cfg.softk_alpha, k_weight=cfg.softk_weight)
 
 
 class Trainer:
@@ -145,7 +140,7 @@ class Trainer:
         self.runs = []
         for spec in self.specs:
             torch.manual_seed(cfg.seed)  # every configuration starts from the same dictionary
-            model = build_sae(_sae_config(cfg, spec, self.d, self.n)).to(self.device)
+            model = build_sae(_sae_config(cfg, spec, self.d, self.n, self.variance)).to(self.device)
             self.runs.append(Run(spec, model, lr=self.lr, variance=self.variance, dead_rows=self.dead_rows,
                                  auxk_coeff=cfg.auxk_coeff, grad_clip=cfg.grad_clip, world=self.dist.world,
                                  autocast_dtype=torch.bfloat16 if autocast else None))
