@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/sae-train --store $(DEMO)/acts.zarr --arch softk,batchtopk $(SAE) --out $(DEMO)/baselines
 	$(BIN)/sae-eval $(DEMO)/topk/*/ckpt.pt $(DEMO)/baselines/*/ckpt.pt --k-sweep 4,8,16,32,64 \
 		--probe-budgets 1,2,4,8,16 --out $(DEMO)/report --quiet
-	@echo; awk '/^\| checkpoint/{p=1} p&&/^$$/{exit} p' $(DEMO)/report/report.md | cut -d'|' -f2,6-9,11,13-15,18-
+	@echo; awk '/^\| checkpoint/{p=1} p&&/^$$/{exit} p' $(DEMO)/report/report.md | cut -d'|' -f2,6-9,11,12,14-16,19-
 	@echo "Full report: $(DEMO)/report/report.md   Latent browser: file://$(abspath $(DEMO))/report/index.html"
 
 # The full comparison of EXPERIMENTS.md (all 70,000 Fashion-MNIST images; hours on 2 CPU cores). Resumable.

@@ -192,6 +192,8 @@ def _group_summary(group: Group, im: _Images) -> dict:
         "probe_train_images": int(im.probe_train.size) if im.probe_skip is None else 0,
         "probe_train_store": str(group.probe_store.path) if group.probe_store is not None else None,
         "ms_embeddings": im.other.label if im.other else f"the evaluated layer's image-level vectors ({info.name})",
+        "ms_encoder": (f"{im.other.store.backbone.get('id')}/{im.other.layer}" if im.other
+                       else f"own layer ({info.name})"),
         "images_without_embedding": im.n_no_embedding,
         "pooling": "per-image activation of a latent = its maximum over the image's tokens" if T > 1 else None,
         "checkpoints": [str(ck.path) for ck in group.checkpoints],
