@@ -18,8 +18,9 @@ from visionsae.errors import UserError
 from visionsae.evaluate import monosemanticity, purity
 from visionsae.evaluate.codes import ImageCodes
 from visionsae.evaluate.inputs import Checkpoint
-from visionsae.evaluate.metrics import ReconAccumulator, SparsityAccumulator
+from visionsae.evaluate.metrics import ReconAccumulator, SparsityAccumulator, TrainedPenalties
 from visionsae.evaluate.probes import TopCodes
+from visionsae.sae.base import SAEOutput
 from visionsae.store import LayerInfo
 
 
@@ -45,6 +46,8 @@ class ModelEval:
         self.n_latents, self.n_classes = n, n_classes
         self.recon = ReconAccumulator(info.mean, device)
         self.sparsity = SparsityAccumulator(n, device)
+        # checkpoints from before --reg-on were all trained on |z| ("raw")
+        self.penalties = TrainedPenalties((ck.meta.get("train") or {}).get("reg_on", "raw"), device)
         self.k_sweep = tuple(k for k in k_sweep if k <= n)
         self.sweep_skipped = [k for k in k_sweep if k > n]
         self.sweep_note: str | None = None
@@ -64,6 +67,8 @@ class ModelEval:
         acts_RK, idx_RK, k_R = self.model.sparsify(z_RN, x_RD, None)
         self.recon.update(x_RD, self.model.decode(acts_RK, idx_RK))
         self.sparsity.update(z_RN, acts_RK, idx_RK, k_R)
+        support_RK = self.model.support_mask(SAEOutput(None, z_RN, acts_RK, idx_RK, k_R))
+        self.penalties.update(z_RN, idx_RK, support_RK)
         self._update_sweep(x_RD, z_RN)
         codes = ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents)
         self.n_images += codes.n_images
@@ -101,7 +106,7 @@ class ModelEval:
             top.update(codes if codes is not None else ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents))
 
     def finish(self, labels_of_slot: np.ndarray) -> tuple[dict, LatentTables]:
-        sparsity = self.sparsity.result()
+        sparsity = {**self.sparsity.result(), "trained_penalties": self.penalties.result()}
         density_N = self.sparsity.density_N()
         live_N = density_N > 0
         ms_N = self.ms.result()

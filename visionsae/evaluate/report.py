@@ -94,6 +94,13 @@ def _ms_encoder(doc: dict, c: dict) -> str:
     return str(g.get("ms_encoder", "–"))
 
 
+def _penalties_on(c: dict) -> str:
+    train = c.get("train") or {}
+    if train.get("reg", "none") == "none":
+        return "–"
+    return "relu(z)" if train.get("reg_on", "raw") == "relu" else "|z|"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -126,11 +133,13 @@ def markdown(doc: dict, figures: dict[str, str]) -> str:
     detail_header = ["checkpoint", "MS baseline", "MSE", "EV", "NMSE", "cosine", "l2 ratio", "rel. bias", "dense",
                      "l1/l2 of z+",
                      "latents for 90% of z+", "latents for 90% of code", "per-input k (mean, q05-q95)",
-                     "MS latents", "purity@top latents", "purity@all latents"]
+                     "MS latents", "purity@top latents", "purity@all latents", "penalties on",
+                     "trained l1/l2", "trained off-support l1"]
     detail_rows = []
     for c in doc["checkpoints"]:
         rec, sp = c["reconstruction"], c["sparsity"]
         kd = sp.get("k_distribution")
+        tp = sp.get("trained_penalties", {})
         detail_rows.append([c["name"], _fmt(c["monosemanticity"]["baseline_mean_cosine"], 3), f"{rec['mse']:.4g}",
                             _fmt(rec["explained_variance"], 4), _fmt(rec["nmse"], 4),
                             _fmt(rec["cosine"], 4), _fmt(rec["l2_ratio"], 4), _fmt(rec["rel_bias"], 4),
@@ -139,12 +148,16 @@ def markdown(doc: dict, figures: dict[str, str]) -> str:
                             f"{kd['mean']:.2f} ({kd['q05']:.1f}-{kd['q95']:.1f})" if kd else "fixed",
                             str(c["monosemanticity"]["n_latents"]),
                             str(c["purity"].get("top", {}).get("n_latents", "–")),
-                            str(c["purity"].get("all", {}).get("n_latents", "–"))])
+                            str(c["purity"].get("all", {}).get("n_latents", "–")),
+                            _penalties_on(c), _fmt(tp.get("l1_l2_ratio"), 2), _fmt(tp.get("off_support_l1"), 2)])
     parts += [_table(detail_header, detail_rows), ""]
     parts += ["MS baseline: the mean cosine between the held-out images' embeddings, i.e. the MS of a latent that "
               "fires equally on every image; MS above it measures selectivity. "
               "z+ is the positive part of the pre-sparsity encoder output z (only positive values can enter a "
-              "Top-k/ReLU code); l1/l2 is its mean ||z+||_1 / ||z+||_2 per row.", ""]
+              "Top-k/ReLU code); l1/l2 is its mean ||z+||_1 / ||z+||_2 per row. "
+              "penalties on: what the checkpoint's regularizers measured (|z| or relu(z); – when trained without "
+              "them); trained l1/l2 and off-support l1: those quantities as trained, over the batch-active latents "
+              "of each evaluation batch (a set that grows with the batch size).", ""]
     notes = [f"- {c['name']}: {c['k_sweep_note']}" for c in doc["checkpoints"] if c.get("k_sweep_note")]
     notes += [f"- {c['name']}: probes skipped ({c['probes']['skipped']})" for c in doc["checkpoints"]
               if "skipped" in c["probes"]]

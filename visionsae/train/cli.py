@@ -35,6 +35,9 @@ def _list(kind, name):
               help="Regularizer: none|off|ratio|both (off: off-support l1, ratio: l1/l2), or a list.")
 @click.option("--beta", default=str(DEFAULT_BETA), callback=_list(float, "beta"), help="Off-support l1 weight(s).")
 @click.option("--gamma", default=str(DEFAULT_GAMMA), callback=_list(float, "gamma"), help="l1/l2 ratio weight(s).")
+@click.option("--reg-on", default="raw", callback=_list(str, "reg_on"),
+              help="What the penalties measure: raw (|z|, negative pre-activations included, the paper's sample "
+                   "code) or relu (relu(z), only what can enter the code), or a list.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents)).")
 @click.option("--batch-size", type=int, default=4096, show_default=True)
 @click.option("--steps", type=int, default=None, help="Optimisation steps.")

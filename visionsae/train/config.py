@@ -26,6 +26,7 @@ from typing import Any
 from visionsae.errors import UserError
 
 REGS = ("none", "off", "ratio", "both")
+REG_ON = ("raw", "relu")  # the same names as visionsae.train.regularizers.REG_ON
 DEFAULT_BETA = 1e-5
 DEFAULT_GAMMA = 1e-3
 
@@ -41,6 +42,7 @@ class TrainConfig:
     reg: tuple[str, ...] = ("none",)
     beta: tuple[float, ...] = (DEFAULT_BETA,)
     gamma: tuple[float, ...] = (DEFAULT_GAMMA,)
+    reg_on: tuple[str, ...] = ("raw",)  # what the penalties measure: raw |z| or relu(z) (regularizers.py)
     lr: float | None = None  # default 2e-4 * sqrt(2^14 / n_latents)
     batch_size: int = 4096
     steps: int | None = None
@@ -83,6 +85,11 @@ class TrainConfig:
         for r in self.reg:
             if r not in REGS:
                 raise UserError(f"unknown --reg '{r}': choose from {', '.join(REGS)}")
+        for r in self.reg_on:
+            if r not in REG_ON:
+                raise UserError(f"unknown --reg-on '{r}': choose from {', '.join(REG_ON)}")
+        if not self.reg_on:
+            raise UserError("--reg-on needs at least one value")
         for name, vals in (("beta", self.beta), ("gamma", self.gamma)):
             for v in vals:
                 if not (v >= 0 and math.isfinite(v)):
@@ -139,6 +146,7 @@ class RunSpec:
     reg: str
     beta: float
     gamma: float
+    reg_on: str = "raw"  # what the penalties measure: |z| ("raw") or relu(z) ("relu")
 
     @property
     def name(self) -> str:
@@ -147,6 +155,8 @@ class RunSpec:
             parts.append(f"b{self.beta:g}")
         if self.reg in ("ratio", "both"):
             parts.append(f"g{self.gamma:g}")
+        if self.reg != "none" and self.reg_on != "raw":
+            parts.append(f"on{self.reg_on}")
         return "-".join(parts)
 
     @property
@@ -166,10 +176,12 @@ def expand_runs(cfg: TrainConfig) -> list[RunSpec]:
             for reg in cfg.reg:
                 betas = cfg.beta if reg in ("off", "both") else cfg.beta[:1]
                 gammas = cfg.gamma if reg in ("ratio", "both") else cfg.gamma[:1]
+                ons = cfg.reg_on if reg != "none" else cfg.reg_on[:1]
                 for b in betas:
                     for g in gammas:
-                        spec = RunSpec(arch, int(k), reg, float(b), float(g))
-                        runs.setdefault(spec.name, spec)
+                        for on in ons:
+                            spec = RunSpec(arch, int(k), reg, float(b), float(g), on)
+                            runs.setdefault(spec.name, spec)
     return list(runs.values())
 
 

@@ -162,7 +162,8 @@ class Trainer:
     # --- saving ------------------------------------------------------------------------------
     def _train_meta(self, spec: RunSpec) -> dict[str, Any]:
         c = self.cfg
-        return {"name": spec.name, "arch": spec.arch, "k": spec.k, "reg": spec.reg, "beta": spec.beta_eff,
+        return {"name": spec.name, "arch": spec.arch, "k": spec.k, "reg": spec.reg, "reg_on": spec.reg_on,
+                "beta": spec.beta_eff,
                 "gamma": spec.gamma_eff, "n_latents": self.n, "lr": self.lr, "batch_size": c.batch_size,
                 "total_steps": self.total, "warmup_steps": self.warmup, "decay_frac": c.decay_frac,
                 "grad_clip": c.grad_clip, "auxk_coeff": c.auxk_coeff, "dead_rows": self.dead_rows,
