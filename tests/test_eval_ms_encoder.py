@@ -46,3 +46,29 @@ def test_random_sae_scores_ms_zero_with_an_independent_encoder(tmp_path):
     header = [h.strip() for h in table[0].strip("|").split("|")]
     row = [v.strip() for v in table[1].strip("|").split("|")]
     assert row[header.index("MS e_n")] == "independent/other" and header.index("MS e_n") == header.index("MS median") + 1
+
+
+def test_class_token_pooling_is_offered_for_token_layers(tmp_path):
+    """--image-pooling cls: a latent's per-image activation is its class-token activation (Pach et al.),
+    against the default maximum over tokens; MS checked against the quadratic definition."""
+    from visionsae.evaluate.monosemanticity import ms_quadratic
+    rng = np.random.default_rng(1)
+    n, T, d = 80, 4, 6
+    x = rng.standard_normal((n * T, d)).astype(np.float32)
+    store = write_array_store(tmp_path / "tok", {"blocks": x}, tokens_per_image=T, images_per_shard=16)
+    torch.manual_seed(0)
+    model = build_sae(resolve_config("topk", d, 24, 3))
+    ck = tmp_path / "c.pt"
+    save_checkpoint(ck, model, input_scale=1.0,
+                    store={"path": str(store.path), "fingerprint": store.fingerprint,
+                           "layer_fingerprint": store.layer_fingerprint("blocks"), "layer": "blocks", "d": d},
+                    split={"val_slots": torch.arange(n), "val_fraction": 1.0, "seed": 0}, train={}, step=0, metrics={})
+    common = dict(k_sweep=(), probe_budgets=(), html_latents=0, batch_rows=8 * T, progress=False)
+    with torch.no_grad():
+        code = model.eval().dense_code(*model.encode(torch.from_numpy(x))).view(n, T, -1)
+    e = x.reshape(n, T, d)[:, 0]  # token_kind 'all': the class token is the image vector
+    for pooling, a_IN in (("max", code.amax(1).numpy()), ("cls", code[:, 0].numpy())):
+        res = evaluate(EvalConfig([str(ck)], image_pooling=pooling, **common))
+        live = (a_IN > 0).sum(0) >= 2
+        np.testing.assert_allclose(res.checkpoints[0].tables.ms_N[live], ms_quadratic(a_IN, e)[live], rtol=1e-9)
+        assert ("class token" in res.groups[0].summary["pooling"]) == (pooling == "cls")

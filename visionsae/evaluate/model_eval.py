@@ -40,8 +40,9 @@ class LatentTables:
 
 class ModelEval:
     def __init__(self, ck: Checkpoint, info: LayerInfo, d_embed: int, n_classes: int,
-                 k_sweep: tuple[int, ...], max_budget: int, top_images: int, device: torch.device):
-        self.ck, self.model, self.T = ck, ck.model, info.tokens_per_image
+                 k_sweep: tuple[int, ...], max_budget: int, top_images: int, device: torch.device,
+                 pooling: str = "max"):
+        self.ck, self.model, self.T, self.pooling = ck, ck.model, info.tokens_per_image, pooling
         n = int(ck.config["n_latents"])
         self.n_latents, self.n_classes = n, n_classes
         self.recon = ReconAccumulator(info.mean, device)
@@ -70,7 +71,7 @@ class ModelEval:
         support_RK = self.model.support_mask(SAEOutput(None, z_RN, acts_RK, idx_RK, k_R))
         self.penalties.update(z_RN, idx_RK, support_RK)
         self._update_sweep(x_RD, z_RN)
-        codes = ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents)
+        codes = ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents, self.pooling)
         self.n_images += codes.n_images
         self.image_fire_N += torch.bincount(codes.lat_P, minlength=self.n_latents)
         self.ms.update(codes, e_IE)
@@ -103,7 +104,8 @@ class ModelEval:
         if self.T == 1:  # one row per image: its kept code is already the image's code
             top.update_rows(acts_RK, idx_RK)
         else:
-            top.update(codes if codes is not None else ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents))
+            top.update(codes if codes is not None
+                       else ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents, self.pooling))
 
     def finish(self, labels_of_slot: np.ndarray) -> tuple[dict, LatentTables]:
         sparsity = {**self.sparsity.result(), "trained_penalties": self.penalties.result()}
