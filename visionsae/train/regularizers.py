@@ -30,10 +30,10 @@ def _measured(z: torch.Tensor, on: str) -> torch.Tensor:
 
 def batch_active(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None = None) -> torch.Tensor:
     """A as a bool mask [n]: units in the Top-k support of at least one input."""
-    active_N = torch.zeros(n, dtype=torch.bool, device=topk_idx_BK.device)
-    idx = topk_idx_BK if support_BK is None else topk_idx_BK[support_BK]
-    active_N[idx.reshape(-1)] = True
-    return active_N
+    # a count per unit, not indexing by a boolean mask: fixed shapes, no host synchronisation
+    ones_BK = torch.ones_like(topk_idx_BK, dtype=torch.int32) if support_BK is None else support_BK.to(torch.int32)
+    counts_N = torch.zeros(n, dtype=torch.int32, device=topk_idx_BK.device)
+    return counts_N.index_add_(0, topk_idx_BK.reshape(-1), ones_BK.reshape(-1)) > 0
 
 
 def _support_mask(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None) -> torch.Tensor:
