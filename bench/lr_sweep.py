@@ -25,9 +25,9 @@ import torch
 
 from visionsae.sae import read_checkpoint
 from visionsae.train import TrainConfig, train
-from visionsae.train.config import default_lr
+from visionsae.train.config import llm_lr as default_lr
 
-MULTIPLES = (1.0, 2.0, 4.0, 8.0, 16.0)  # lr = multiple x the LLM-scale rule
+MULTIPLES = (1.0, 3.0, 10.0)  # lr = multiple x the LLM-scale rule
 
 
 def one_run(store: str, out: Path, *, n_latents: int, steps: int, lr: float, warmup: int | None = None,
@@ -45,12 +45,12 @@ def one_run(store: str, out: Path, *, n_latents: int, steps: int, lr: float, war
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", required=True)
-    ap.add_argument("--expansions", default="1,4", help="latents = expansion x d")
-    ap.add_argument("--steps", default="300,1200")
+    ap.add_argument("--expansions", default="0.5,1", help="latents = expansion x d")
+    ap.add_argument("--steps", default="200,800")
     ap.add_argument("--quick", action="store_true", help="one width, one length, three lrs (a smoke run)")
+    ap.add_argument("--schedule", action="store_true", help="also vary warm-up and decay at the longest run")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     from visionsae.store import open_store
     st = open_store(args.store)
     d = st.layer(st.layer_names[0]).d
@@ -73,8 +73,8 @@ def main() -> None:
         n, steps = int(round(expansions[-1] * d)), lengths[-1]
         here = [r for r in rows if r["n_latents"] == n and r["steps"] == steps]
         best = min(here, key=lambda r: r["val_fvu"])
-        if not args.quick:
-            for warmup, decay in ((steps // 20, 0.2), (steps // 10, 0.0), (steps // 10, 0.5)):
+        if args.schedule and not args.quick:
+            for warmup, decay in ((steps // 20, 0.2), (steps // 10, 0.0)):
                 r = one_run(args.store, Path(tmp) / "s", n_latents=n, steps=steps, lr=best["lr"], warmup=warmup,
                             decay_frac=decay)
                 schedule.append(r)

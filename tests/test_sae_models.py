@@ -165,3 +165,30 @@ def test_fused_topk_encoder_gradients_with_and_without_z():
                                     (x, W, bp, b))
     vals, idx, z = encode_topk(x, W, bp, b, K)
     assert torch.allclose(z, (x - bp) @ W.t() + b) and torch.equal(vals, z.gather(1, idx))
+
+
+@pytest.mark.parametrize("arch", ["softk", "relu"])
+def test_every_setting_is_saved_and_none_is_defaulted_at_load(arch, tmp_path):
+    """Defaults are resolved once (resolve_config) and saved; a config without one is an error, not a default."""
+    from visionsae.errors import CheckpointError
+    from visionsae.sae import SAEConfig
+    cfg = resolve_config(arch, D, N, K, variance_fraction=0.5)
+    expected = {"softk": {"alpha", "k_weight", "k_max", "k_start", "anneal_frac", "min_anneal_steps", "hard_frac",
+                          "kest_hidden"}, "relu": {"l1_coeff", "l1_warmup_frac"}}[arch]
+    assert set(cfg.extra) == expected
+    if arch == "softk":
+        assert cfg.extra["k_weight"] == 2.0 and cfg.extra["k_max"] == 2 * K  # 1 / variance fraction; 2k
+    model = build_sae(cfg)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, input_scale=1.0, store={"path": "s", "fingerprint": "f", "layer": "l", "d": D},
+                    split={"val_slots": torch.arange(2), "val_fraction": 0.1, "seed": 0}, train={}, step=1, metrics={})
+    assert torch.load(path, weights_only=True)["config"]["extra"] == cfg.extra
+    for key in expected:
+        partial = {k: v for k, v in cfg.extra.items() if k != key}
+        with pytest.raises(KeyError, match=key):
+            build_sae(SAEConfig(arch, D, N, K, extra=partial))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["extra"].pop(sorted(expected)[0])
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="older visionsae"):
+        load_checkpoint(tmp_path / "old.pt")

@@ -185,6 +185,11 @@ def expand_runs(cfg: TrainConfig) -> list[RunSpec]:
     return list(runs.values())
 
 
-def default_lr(n_latents: int) -> float:
-    """The Top-k scaling law (Gao et al. 2024): 2e-4 at 2^14 latents, as 1 / sqrt(n)."""
+def llm_lr(n_latents: int) -> float:
+    """The Top-k scaling law (Gao et al. 2024): 2e-4 at 2^14 latents, as 1 / sqrt(n); from LLM-scale runs."""
     return 2e-4 * math.sqrt(2 ** 14 / n_latents)
+
+
+def default_lr(n_latents: int, steps: int | None = None) -> float:
+    """sae-train's default learning rate (see BENCHMARKS.md, learning-rate sweep)."""
+    return llm_lr(n_latents)
