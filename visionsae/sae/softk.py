@@ -25,7 +25,10 @@ scaled variance (rec = SSE_ref / f, f = E||x - mean||^2 / E||x||^2, the variance
 - the anneal runs over max(``anneal_frac`` of the steps, ``min_anneal_steps``), at most half of the
   soft phase: 4% of a short run is a few Adam time constants, and k^ then undershoots its target.
 - ``hard_frac`` = 0.15 (their CLIP run: 6,000 of 40,000 steps).
-SoftSAE needs long runs: about 1,500 steps or more for the estimator to settle near its target.
+How long: the anneal takes at least 200 steps; after it the mean k^ sits about one latent below k (the
+softplus penalty on the batch mean still pushes down where reconstruction gains little from one more latent):
+held-out mean k^ 14.5 at k = 16 after 200 steps on EfficientNet-Lite0 embeddings of Fashion-MNIST, 3.4 and
+3.1 at k = 4 after 300 and 1,500 steps on synthetic data. Comparisons with Top-k want 1,500 steps or more.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def _list(kind, name):
 @click.option("--reg-on", default="raw", callback=_list(str, "reg_on"),
               help="What the penalties measure: raw (|z|, negative pre-activations included, the paper's sample "
                    "code) or relu (relu(z), only what can enter the code), or a list.")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents)).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents) x m, m = 3 for runs "
+              "up to 1,000 steps, falling as 1/steps to 1 at 3,000; see BENCHMARKS.md).")
 @click.option("--batch-size", type=int, default=4096, show_default=True)
 @click.option("--steps", type=int, default=None, help="Optimisation steps.")
 @click.option("--epochs", type=float, default=None, help="Passes over the training rows (default 1).")
@@ -68,8 +69,10 @@ def _list(kind, name):
                    "alpha * sqrt(d) to this trainer's E||x||^2 = d inputs).")
 @click.option("--softk-weight", type=float, default=None,
               help="softk: k-penalty weight (default 1 / variance fraction: the reference's weight 1 in this "
-                   "trainer's loss units). SoftSAE needs about 1,500 steps or more for its mean k to settle "
-                   "near --k; shorter runs land within about 25%.")
+                   "trainer's loss units). Runs need at least 2 x 200 + the hard phase (15%) steps for the k "
+                   "anneal; the mean k then sits about one latent below --k (the penalty on the batch mean keeps "
+                   "pushing): measured 14.5 at k = 16 after 200 steps on image embeddings. Train 1,500 steps or "
+                   "more to compare it with Top-k.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @one_line_errors
 def main(no_progress: bool, **kwargs) -> None:

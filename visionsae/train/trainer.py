@@ -135,7 +135,7 @@ class Trainer:
         self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n_rows / cfg.batch_size))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, self.total // 10)
         self.dead_rows = cfg.dead_rows or default_dead_rows(n_rows, self.total * cfg.batch_size, cfg.batch_size)
-        self.lr = cfg.lr or default_lr(self.n)
+        self.lr = cfg.lr or default_lr(self.n, self.total)
         autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
         self.runs = []
         for spec in self.specs:
