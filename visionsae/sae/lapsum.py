@@ -86,19 +86,21 @@ class _LapSumMask(torch.autograd.Function):
     def forward(ctx, s_BN, k_B):
         with torch.no_grad():
             t_BN = s_BN - lapsum_threshold(s_BN, k_B)[:, None]
-        ctx.save_for_backward(t_BN)
+            n = s_BN.shape[1]
+            inside_B = (k_B > 1e-3) & (k_B < n - 1e-3)  # lapsum_threshold clamps k to this range: no gradient outside
+        ctx.save_for_backward(t_BN, inside_B)
         ctx.k_dtype = k_B.dtype
         return laplace_cdf(t_BN)
 
     @staticmethod
     def backward(ctx, v_BN):
-        (t_BN,) = ctx.saved_tensors
+        t_BN, inside_B = ctx.saved_tensors
         logp_BN = -t_BN.abs() - _LOG2
         # v_bar with weights normalised by the row's largest p: no underflow when every p is tiny
         w_BN = torch.exp(logp_BN - logp_BN.amax(1, keepdim=True))
         vbar_B = (w_BN * v_BN).sum(1) / w_BN.sum(1)
         g_s = torch.exp(logp_BN) * (v_BN - vbar_B[:, None]) if ctx.needs_input_grad[0] else None
-        g_k = vbar_B.to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
+        g_k = torch.where(inside_B, vbar_B, 0.0).to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
         return g_s, g_k
 
 
