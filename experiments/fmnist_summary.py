@@ -27,8 +27,12 @@ LABELS = {"topk/none": "Top-k", "topk/off": "Top-k + off-support l1", "topk/rati
 
 
 def method(ck: dict) -> str:
-    arch = ck["train"]["arch"]
-    return f"{arch}/{ck['train']['reg']}" if arch == "topk" else arch
+    """topk/<reg> (topk/<reg>/relu for penalties on relu(z), the --reg-on ablation), or the arch."""
+    arch, train = ck["train"]["arch"], ck["train"]
+    if arch != "topk":
+        return arch
+    relu = train.get("reg", "none") != "none" and train.get("reg_on", "raw") == "relu"
+    return f"{arch}/{train['reg']}" + ("/relu" if relu else "")
 
 
 def metrics(ck: dict) -> dict[str, float]:
@@ -116,6 +120,9 @@ def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
     lines.append("")
     lines += matched_count_section(report, ks)
     lines += softk_section(out, layer, ks)
+    lines += reg_on_section(cells)
+    lines += independent_ms_section(out, layer, cells, ks)
+    lines += length_section(out, layer)
     plots = plot_layer(cells, ks, sweep, budgets, layer, dest)
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     summary = {f"{m}|k={k}": {key: agg(runs, key) for key in runs[0]} for (m, k), runs in cells.items()}
@@ -153,6 +160,45 @@ def matched_count_section(report: dict, ks: list[int]) -> list[str]:
             "latents** (n = the regularized model's live latents; first seed)", "",
             *table(["k", "regularized model", "n", "its MS", "unregularized MS, top-n", "unregularized MS, all",
                     "its purity", "unregularized purity, top-n"], rows), ""]
+
+
+def reg_on_section(cells) -> list[str]:
+    """The --reg-on ablation at k = 16: penalties on |z| (the default) against relu(z)."""
+    rows = []
+    for reg in ("off", "ratio", "both"):
+        for on, m in (("|z|", f"topk/{reg}"), ("relu(z)", f"topk/{reg}/relu")):
+            runs = cells.get((m, 16), [])
+            if runs:
+                rows.append([reg, on, fmt(runs, "fvu", 4), fmt(runs, "ms"), fmt(runs, "purity"), fmt(runs, "dead", 1)])
+    if not any(r[1] == "relu(z)" for r in rows):
+        return []
+    return ["**Regularizers on |z| or on relu(z) (--reg-on), Top-k at k = 16**", "",
+            *table(["regularizer", "penalty on", "FVU", "MS", "purity", "dead %"], rows), ""]
+
+
+def independent_ms_section(out: Path, layer: str, cells, ks: list[int]) -> list[str]:
+    """MS with EfficientNet-Lite2's embeddings (an independent encoder) beside MS on the layer's own vectors."""
+    path = out / "test" / f"{layer}-lite2" / "report.json"
+    if not path.exists():
+        return []
+    other = collect(json.loads(path.read_text()))
+    rows = [[LABELS.get(m, m), str(k), fmt(cells.get((m, k), []), "ms"), fmt(other.get((m, k), []), "ms")]
+            for k in ks for m in METHODS if (m, k) in other]
+    return ["**MS by encoder: the evaluated layer's own image vectors (circular) against EfficientNet-Lite2's "
+            "embeddings (independent)**", "", *table(["method", "k", "MS, own layer", "MS, Lite2"], rows), ""]
+
+
+def length_section(out: Path, layer: str) -> list[str]:
+    path = out / "length" / layer / "dead_vs_steps.json"
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    steps = sorted({r["steps"] for r in rows})
+    by = {(r["reg"], r["steps"]): r for r in rows}
+    body = [[reg, *[f"{100 * by[(reg, n)]['val_dead_frac']:.1f}% ({by[(reg, n)]['val_fvu']:.3f})"
+                    if (reg, n) in by else "-" for n in steps]] for reg in ("none", "off", "ratio", "both")]
+    return ["**Dead latents on the validation images against training length, Top-k k = 16** (FVU in brackets)", "",
+            *table(["regularizer", *[f"{n} steps" for n in steps]], body), ""]
 
 
 def softk_section(out: Path, layer: str, ks: list[int]) -> list[str]:

@@ -39,9 +39,24 @@ def test_purity_known_answers():
     assert summarize(pur, live) == {"mean": pytest.approx(0.75), "median": 0.75, "n_latents": 3}
 
 
+def test_purity_needs_two_firing_images_like_ms():
+    """A latent firing on one image (purity 1 by construction) is left out of every average, as MS leaves it."""
+    from visionsae.evaluate.monosemanticity import ms_linear
+    counts = np.array([[1, 0], [3, 1], [0, 2]])
+    pur = purity_from_counts(counts)
+    assert math.isnan(pur[0]) and pur[1:].tolist() == [0.75, 1.0]
+    assert summarize(pur, np.ones(3, bool)) == {"mean": pytest.approx(0.875), "median": 0.875, "n_latents": 2}
+    assert math.isnan(purity_top(np.array([[5.0, 0.0]]), np.array([[1, 0]]), 2)[0])
+    # the MS of a latent firing on one image is undefined too
+    a = np.zeros((4, 2))
+    a[0, 0], a[1:3, 1] = 1.0, [1.0, 2.0]
+    ms = ms_linear(a, np.random.default_rng(0).standard_normal((4, 3)))
+    assert math.isnan(ms[0]) and not math.isnan(ms[1])
+
+
 def test_purity_top_ignores_non_firing_and_unlabelled():
-    vals = np.array([[3.0, 2.0, 0.0, 0.0]])  # only two images fire
-    labels = np.array([[1, -1, 0, 0]])  # the second is unlabelled
+    vals = np.array([[3.0, 2.0, 1.0, 0.0]])  # only three images fire
+    labels = np.array([[1, -1, 1, 0]])  # the second is unlabelled
     assert purity_top(vals, labels, 2).tolist() == [1.0]
 
 

@@ -20,7 +20,7 @@ from visionsae.evaluate import EvalConfig, evaluate, run
 from visionsae.evaluate.cli import main
 from visionsae.evaluate.monosemanticity import ms_quadratic
 from visionsae.sae import SAEConfig, SparseAutoencoder, build_sae, save_checkpoint
-from visionsae.sae.registry import register
+from visionsae.sae.registry import register, resolve_config
 from visionsae.store import write_array_store
 
 N_CLASSES, D = 4, 8
@@ -265,7 +265,7 @@ def test_real_variants_sweep_matches_forward(tmp_path):
     cks, models = [], []
     for arch in ("topk", "softk", "relu", "batchtopk"):
         torch.manual_seed(0)
-        m = build_sae(SAEConfig(arch=arch, d_in=D, n_latents=32, k=4))
+        m = build_sae(resolve_config(arch, D, 32, 4))
         models.append(m.eval())
         cks.append(make_ckpt(tmp_path / arch / "ckpt.pt", store, "emb", m, val))
     res = evaluate(EvalConfig(cks, k_sweep=(2, 4), probe_budgets=(1, 4), batch_rows=32, progress=False))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionsae.sae import SAEConfig, architectures, build_sae, load_checkpoint, save_checkpoint
+from visionsae.sae import architectures, build_sae, load_checkpoint, save_checkpoint
 from visionsae.sae.dictionary import encode_affine, gather_decode, geometric_median
+from visionsae.sae.registry import resolve_config
 
 BUILTIN = ("batchtopk", "relu", "softk", "topk")
 
@@ -17,8 +18,7 @@ D, N, K = 12, 48, 4
 
 def _model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
-    extra = {"kest_hidden": 16} if arch == "softk" else {}
-    m = build_sae(SAEConfig(arch=arch, d_in=D, n_latents=N, k=K, extra=extra)).double()
+    m = build_sae(resolve_config(arch, D, N, K, kest_hidden=16)).double()
     with torch.no_grad():  # move away from the tied init so that every parameter matters
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -59,9 +59,8 @@ def test_fold_input_scale_maps_raw_inputs(arch):
     x_BD = torch.randn(16, D, dtype=torch.double) * 3 + 1
     s = 0.37
     model = _model(arch)
-    if arch == "batchtopk":  # give it a learned threshold: one training forward on scaled data
-        model.train()
-        model(x_BD * s)
+    if arch == "batchtopk":  # give it a threshold fitted on other (scaled) rows: none of x's values sits on it
+        model.calibrate((torch.randn(64, D, dtype=torch.double) * 3 + 1) * s)
     if arch == "softk":
         with torch.no_grad():
             model.alpha.fill_(0.3)  # a temperature at which the soft mask is far from hard
@@ -120,7 +119,7 @@ def test_batchtopk_keeps_k_times_batch_in_training():
     out = model(torch.randn(32, D, dtype=torch.double))
     assert int((out.acts_BK > 0).sum()) == K * 32
     assert (out.acts_BK > 0).sum(1).float().std() > 0  # a varying number per input
-    assert model.threshold > 0
+    assert model.threshold < 0  # the training step leaves the threshold alone: calibrate fits it
 
 
 def test_softk_hard_mode_keeps_floor_k_per_input():
@@ -166,3 +165,30 @@ def test_fused_topk_encoder_gradients_with_and_without_z():
                                     (x, W, bp, b))
     vals, idx, z = encode_topk(x, W, bp, b, K)
     assert torch.allclose(z, (x - bp) @ W.t() + b) and torch.equal(vals, z.gather(1, idx))
+
+
+@pytest.mark.parametrize("arch", ["softk", "relu"])
+def test_every_setting_is_saved_and_none_is_defaulted_at_load(arch, tmp_path):
+    """Defaults are resolved once (resolve_config) and saved; a config without one is an error, not a default."""
+    from visionsae.errors import CheckpointError
+    from visionsae.sae import SAEConfig
+    cfg = resolve_config(arch, D, N, K, variance_fraction=0.5)
+    expected = {"softk": {"alpha", "k_weight", "k_max", "k_start", "anneal_frac", "min_anneal_steps", "hard_frac",
+                          "kest_hidden"}, "relu": {"l1_coeff", "l1_warmup_frac"}}[arch]
+    assert set(cfg.extra) == expected
+    if arch == "softk":
+        assert cfg.extra["k_weight"] == 2.0 and cfg.extra["k_max"] == 2 * K  # 1 / variance fraction; 2k
+    model = build_sae(cfg)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, input_scale=1.0, store={"path": "s", "fingerprint": "f", "layer": "l", "d": D},
+                    split={"val_slots": torch.arange(2), "val_fraction": 0.1, "seed": 0}, train={}, step=1, metrics={})
+    assert torch.load(path, weights_only=True)["config"]["extra"] == cfg.extra
+    for key in expected:
+        partial = {k: v for k, v in cfg.extra.items() if k != key}
+        with pytest.raises(KeyError, match=key):
+            build_sae(SAEConfig(arch, D, N, K, extra=partial))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["extra"].pop(sorted(expected)[0])
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="older visionsae"):
+        load_checkpoint(tmp_path / "old.pt")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from visionsae.sae import SAEConfig, build_sae, load_checkpoint
+from visionsae.sae import build_sae, load_checkpoint
+from visionsae.sae.registry import resolve_config
 from visionsae.store import write_array_store
 from visionsae.train import TrainConfig, train
 from visionsae.train.config import RunSpec
@@ -22,8 +23,8 @@ pytestmark = [pytest.mark.gpu,
                                       ("relu", "none")])
 def test_bf16_autocast_step_tracks_float32(arch, reg):
     torch.manual_seed(0)
-    extra = {"alpha": 0.05} if arch == "softk" else {}
-    base = build_sae(SAEConfig(arch=arch, d_in=128, n_latents=1024, k=16, extra=extra)).cuda()
+    # softk: 0.05 in training units (alpha is stated at E||x||^2 = 1: times sqrt(128) here)
+    base = build_sae(resolve_config(arch, 128, 1024, 16, alpha=0.05 / 128 ** 0.5)).cuda()
     x_BD = torch.randn(512, 128, device="cuda")
     base.init_from_sample(x_BD)
     runs = []

@@ -65,18 +65,23 @@ def test_topk_recovers_a_planted_dictionary(planted, tmp_path):
 
 
 def test_softk_per_input_k_follows_target_on_average_and_varies(tmp_path):
+    """Default SoftSAE settings (k-penalty weight in the reference's units, k^ <= 2k, a minimum anneal):
+    held-out mean k^ within 25% of the target after a short run (the weight 1/d gave +34% here)."""
     x, _, counts = _planted(12000, (1, 9), seed=1)
     store = tmp_path / "var.zarr"
     write_array_store(store, {"emb": x}, images_per_shard=2048)
-    (ckpt,) = train(_cfg(store, tmp_path / "soft", arch=("softk",), steps=400, lr=4e-3))
-    model, _ = load_checkpoint(ckpt)
-    out = model(torch.from_numpy(x[:2000]))
-    k_B = out.k_B.detach().numpy()
-    assert abs(k_B.mean() - 4) < 2.0  # the batch-mean penalty pulls the average towards k = 4
+    (ckpt,) = train(_cfg(store, tmp_path / "soft", arch=("softk",), steps=300, lr=None))
+    model, meta = load_checkpoint(ckpt)
+    val = meta["split"]["val_slots"].numpy()
+    assert model.cfg.extra["k_max"] == 8 and model.cfg.extra["k_weight"] > 1  # resolved and saved
+    with torch.no_grad():
+        out = model(torch.from_numpy(x[val]))
+    k_B = out.k_B.numpy()
+    assert abs(k_B.mean() - 4) <= 0.25 * 4, k_B.mean()  # the batch-mean penalty pulls the average to k = 4
     assert k_B.std() > 0.5  # ... while single inputs get different budgets
-    assert np.corrcoef(k_B, counts[:2000])[0, 1] > 0.3  # ... larger for inputs built from more atoms
+    assert np.corrcoef(k_B, counts[val])[0, 1] > 0.3  # ... larger for inputs built from more atoms
     kept = (out.acts_BK > 0).sum(1).numpy()
-    assert np.all(kept <= np.floor(k_B))
+    assert np.all(kept <= np.floor(k_B)) and k_B.max() <= 8
 
 
 def test_many_configurations_share_one_pass_and_match_single_runs(planted, tmp_path):

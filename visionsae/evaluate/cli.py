@@ -27,6 +27,9 @@ def _ints(text: tuple[int, ...]) -> str:
               "Score compares images with (default: the evaluated layer's own).")
 @click.option("--ms-embeddings-layer", default=None, help="Layer of --ms-embeddings to use (default: its only "
               "layer, or its 'embedding' layer).")
+@click.option("--image-pooling", type=click.Choice(["max", "cls"]), default=_D.image_pooling,
+              help="Token layers: a latent's per-image activation (MS, purity, top images, probes) is its maximum "
+              "over the image's tokens, or its activation on the class token (Pach et al.; stores with --tokens all).")
 @click.option("--probe-budgets", default=_ints(_D.probe_budgets), help="Latents kept per image for the linear "
               "probes ('' for no probes).")
 @click.option("--max-images", type=int, default=None, help="Use at most N held-out images and N probe-training "
@@ -41,7 +44,7 @@ def _ints(text: tuple[int, ...]) -> str:
 @click.option("--seed", type=int, default=_D.seed)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @one_line_errors
-def main(checkpoints, store, k_sweep, ms_embeddings, ms_embeddings_layer, probe_budgets, max_images,
+def main(checkpoints, store, k_sweep, ms_embeddings, ms_embeddings_layer, image_pooling, probe_budgets, max_images,
          probe_train_images, device, out, batch_rows, top_images, seed, quiet):
     """Evaluate SAE checkpoints on their held-out images; write report.json, report.md, plots and index.html.
 
@@ -51,7 +54,7 @@ def main(checkpoints, store, k_sweep, ms_embeddings, ms_embeddings_layer, probe_
     """
     from visionsae.evaluate.runner import run
     cfg = EvalConfig(checkpoints=list(checkpoints), store=store, k_sweep=parse_int_list(k_sweep, "--k-sweep"),
-                     ms_embeddings=ms_embeddings, ms_embeddings_layer=ms_embeddings_layer,
+                     ms_embeddings=ms_embeddings, ms_embeddings_layer=ms_embeddings_layer, image_pooling=image_pooling,
                      probe_budgets=parse_int_list(probe_budgets, "--probe-budgets"), max_images=max_images,
                      probe_train_images=probe_train_images, device=device, out=out, batch_rows=batch_rows,
                      top_images=top_images, seed=seed, progress=not quiet)

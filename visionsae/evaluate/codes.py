@@ -3,7 +3,9 @@
 An SAE code is sparse (K of N latents per row), so the image-level metrics (MS, purity, top images,
 probes) work on its non-zero entries instead of a dense I x N matrix: their cost then grows with
 the number of firings, not with I * N. For token stores the per-image activation of a latent is its
-MAXIMUM over the image's tokens (a latent "is in" an image as strongly as its strongest token).
+MAXIMUM over the image's tokens by default (a latent "is in" an image as strongly as its strongest
+token); ``pooling="cls"`` takes its activation on the class token instead (token 0 of each image in
+stores with token_kind ``all``), as Pach et al. do for the Monosemanticity Score.
 
 Shape suffixes: R rows (I images x T tokens), K kept per row, N latents, P non-zero entries,
 G groups, M kept per group.
@@ -30,11 +32,16 @@ class ImageCodes(NamedTuple):
 
     @classmethod
     def from_kept(cls, acts_RK: torch.Tensor, idx_RK: torch.Tensor, tokens_per_image: int,
-                  n_latents: int) -> "ImageCodes":
-        """Pool an SAE's kept code (zeros are padding) over each image's tokens by the maximum."""
+                  n_latents: int, pooling: str = "max") -> "ImageCodes":
+        """Pool an SAE's kept code (zeros are padding) over each image's tokens: the maximum, or ("cls")
+        the class token's (token 0) code."""
         R, T = acts_RK.shape[0], tokens_per_image
         assert R % T == 0, f"{R} rows are not whole images of {T} tokens"
+        assert pooling in ("max", "cls"), f"unknown pooling {pooling!r}"
         fires_RK = acts_RK > 0
+        if pooling == "cls" and T > 1:
+            first_R = torch.arange(R, device=acts_RK.device) % T == 0
+            fires_RK = fires_RK & first_R[:, None]
         row_P = torch.arange(R, device=acts_RK.device)[:, None].expand_as(idx_RK)[fires_RK]
         lat_P, val_P = idx_RK[fires_RK], acts_RK[fires_RK]
         img_P = row_P // T

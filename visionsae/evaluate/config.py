@@ -16,6 +16,7 @@ class EvalConfig:
     k_sweep: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # inference-time k' values
     ms_embeddings: str | None = None  # a second store (another backbone, same images) for MS
     ms_embeddings_layer: str | None = None  # its layer; None: the only one, else the 'embedding' layer
+    image_pooling: str = "max"  # token layers: a latent's per-image activation, max over tokens | cls (class token)
     probe_budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     max_images: int | None = None  # cap on held-out images and on probe-training images
     probe_train_images: int = 10_000  # probe-training images drawn from the non-held-out slots
@@ -36,6 +37,8 @@ class EvalConfig:
                 raise UserError(f"{name} values must be positive integers, got {','.join(map(str, values))}")
         if self.max_images is not None and self.max_images < 1:
             raise UserError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.image_pooling not in ("max", "cls"):
+            raise UserError(f"--image-pooling must be max or cls, got '{self.image_pooling}'")
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserError(f"--device must be auto, cuda or cpu, got '{self.device}'")
         for name in ("batch_rows", "top_images", "probe_train_images", "thumb_size"):

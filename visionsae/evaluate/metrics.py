@@ -209,3 +209,38 @@ def k_distribution(k_R: np.ndarray) -> dict:
             "max": float(k_R.max()), "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]),
             "q75": float(q[3]), "q95": float(q[4]),
             "hist_edges": [int(e) for e in edges], "hist_counts": [int(c) for c in counts]}
+
+
+class TrainedPenalties:
+    """The two regularizers' quantities as a checkpoint was trained (train/regularizers.py), measured here.
+
+    Per evaluation batch: A = union of the rows' supports in the batch, then the means over rows of
+    sum_{j in A minus S_i} m_ij (off-support l1) and ||m_iA||_1 / (||m_iA||_2 + 1e-8), with m = |z|
+    ("raw") or relu(z) ("relu"), as the checkpoint records. A grows with the batch, so the figures are
+    for batches of the evaluation's size. ``l1_l2_ratio`` of SparsityAccumulator is a different
+    quantity: the positive part of z over all latents, which is what a Top-k code can draw on.
+    """
+
+    def __init__(self, on: str, device: torch.device | str = "cpu"):
+        assert on in ("raw", "relu"), f"unknown penalty measure {on!r}"
+        self.on = on
+        self.n = 0
+        self.sum_off = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_ratio = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, z_BN: torch.Tensor, idx_BK: torch.Tensor, support_BK: torch.Tensor | None) -> None:
+        m_BN = (z_BN if self.on == "raw" else z_BN.relu()).abs().to(torch.float64)
+        src_BK = torch.ones_like(idx_BK, dtype=torch.bool) if support_BK is None else support_BK
+        S_BN = torch.zeros(m_BN.shape, dtype=torch.bool, device=m_BN.device).scatter_(1, idx_BK, src_BK)
+        A_N = S_BN.any(0)
+        mA_BN = torch.where(A_N[None, :], m_BN, torch.zeros_like(m_BN))
+        l1_B = mA_BN.sum(1)
+        l2_B = mA_BN.square().sum(1).sqrt()
+        self.sum_off += torch.where(S_BN, torch.zeros_like(mA_BN), mA_BN).sum()
+        self.sum_ratio += (l1_B / (l2_B + 1e-8)).sum()
+        self.n += m_BN.shape[0]
+
+    def result(self) -> dict:
+        n = max(self.n, 1)
+        return {"on": self.on, "off_support_l1": float(self.sum_off) / n, "l1_l2_ratio": float(self.sum_ratio) / n}

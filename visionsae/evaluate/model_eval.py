@@ -19,8 +19,9 @@ from visionsae.evaluate import monosemanticity, purity
 from visionsae.evaluate.codes import ImageCodes
 from visionsae.evaluate.latent_stats import LatentExtras, LatentStatsAccumulator
 from visionsae.evaluate.inputs import Checkpoint
-from visionsae.evaluate.metrics import ReconAccumulator, SparsityAccumulator
+from visionsae.evaluate.metrics import ReconAccumulator, SparsityAccumulator, TrainedPenalties
 from visionsae.evaluate.probes import TopCodes
+from visionsae.sae.base import SAEOutput
 from visionsae.store import LayerInfo
 
 
@@ -41,12 +42,15 @@ class LatentTables:
 
 class ModelEval:
     def __init__(self, ck: Checkpoint, info: LayerInfo, d_embed: int, n_classes: int,
-                 k_sweep: tuple[int, ...], max_budget: int, top_images: int, device: torch.device):
-        self.ck, self.model, self.T = ck, ck.model, info.tokens_per_image
+                 k_sweep: tuple[int, ...], max_budget: int, top_images: int, device: torch.device,
+                 pooling: str = "max"):
+        self.ck, self.model, self.T, self.pooling = ck, ck.model, info.tokens_per_image, pooling
         n = int(ck.config["n_latents"])
         self.n_latents, self.n_classes = n, n_classes
         self.recon = ReconAccumulator(info.mean, device)
         self.sparsity = SparsityAccumulator(n, device)
+        # checkpoints from before --reg-on were all trained on |z| ("raw")
+        self.penalties = TrainedPenalties((ck.meta.get("train") or {}).get("reg_on", "raw"), device)
         self.k_sweep = tuple(k for k in k_sweep if k <= n)
         self.sweep_skipped = [k for k in k_sweep if k > n]
         self.sweep_note: str | None = None
@@ -67,8 +71,10 @@ class ModelEval:
         acts_RK, idx_RK, k_R = self.model.sparsify(z_RN, x_RD, None)
         self.recon.update(x_RD, self.model.decode(acts_RK, idx_RK))
         self.sparsity.update(z_RN, acts_RK, idx_RK, k_R)
+        support_RK = self.model.support_mask(SAEOutput(None, z_RN, acts_RK, idx_RK, k_R))
+        self.penalties.update(z_RN, idx_RK, support_RK)
         self._update_sweep(x_RD, z_RN)
-        codes = ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents)
+        codes = ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents, self.pooling)
         self.n_images += codes.n_images
         self.image_fire_N += torch.bincount(codes.lat_P, minlength=self.n_latents)
         self.ms.update(codes, e_IE)
@@ -102,10 +108,11 @@ class ModelEval:
         if self.T == 1:  # one row per image: its kept code is already the image's code
             top.update_rows(acts_RK, idx_RK)
         else:
-            top.update(codes if codes is not None else ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents))
+            top.update(codes if codes is not None
+                       else ImageCodes.from_kept(acts_RK, idx_RK, self.T, self.n_latents, self.pooling))
 
     def finish(self, labels_of_slot: np.ndarray) -> tuple[dict, LatentTables]:
-        sparsity = self.sparsity.result()
+        sparsity = {**self.sparsity.result(), "trained_penalties": self.penalties.result()}
         density_N = self.sparsity.density_N()
         live_N = density_N > 0
         ms_N = self.ms.result()

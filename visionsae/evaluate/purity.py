@@ -4,6 +4,11 @@ Purity of a latent: among the images where it fires, the share that belong to it
 class. Two versions are reported: over its top-M activating images (M = ``top_m``, only images
 where it actually fires, only labelled images) and over every labelled image where it fires.
 
+Purity is defined only for a latent with at least MIN_FIRING_IMAGES such images, the rule the
+Monosemanticity Score follows (its pairwise sums are 0 / 0 below two images): a latent that fires on
+one image has purity 1 by construction, and averaging those in would favour models with many rare
+latents. Every average reports how many latents it covers.
+
 Shape suffixes: I images in a batch, L latents, M kept top images per latent, C classes.
 """
 
@@ -13,6 +18,8 @@ import numpy as np
 import torch
 
 from visionsae.evaluate.codes import ImageCodes, top_per_group
+
+MIN_FIRING_IMAGES = 2  # labelled firing images a latent needs for a purity (the MS rule)
 
 
 class TopImages:
@@ -69,11 +76,11 @@ class ClassCounts:
 
 
 def purity_from_counts(counts_LC: np.ndarray) -> np.ndarray:
-    """max_c count / sum_c count per latent; NaN where the latent fires on no labelled image."""
+    """max_c count / sum_c count per latent; NaN where it fires on fewer than MIN_FIRING_IMAGES labelled images."""
     counts_LC = np.asarray(counts_LC, dtype=np.float64)
     total_L = counts_LC.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total_L > 0, counts_LC.max(1) / total_L, np.nan)
+        return np.where(total_L >= MIN_FIRING_IMAGES, counts_LC.max(1) / total_L, np.nan)
 
 
 def purity_top(vals_LM: np.ndarray, labels_LM: np.ndarray, n_classes: int) -> np.ndarray:
@@ -91,7 +98,7 @@ def top_class(counts_LC: np.ndarray) -> np.ndarray:
 
 
 def summarize(purity_L: np.ndarray, live_L: np.ndarray) -> dict:
-    """Mean and median purity over live latents where it is defined."""
+    """Mean and median purity over live latents where it is defined, and how many latents that is."""
     vals = purity_L[live_L & ~np.isnan(purity_L)]
     return {"mean": float(vals.mean()) if len(vals) else float("nan"),
             "median": float(np.median(vals)) if len(vals) else float("nan"),

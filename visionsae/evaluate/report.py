@@ -121,7 +121,7 @@ def summary_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     cks = doc["checkpoints"]
     budgets = sorted({int(m) for c in cks for m in c["probes"].get("budgets", {})})
     sweep = sorted({int(k) for c in cks for k in c["k_sweep"]})
-    header = (["checkpoint", "arch", "k", "latents", "FVU", "L0", "dead %", "MS mean", "MS median",
+    header = (["checkpoint", "arch", "k", "latents", "FVU", "L0", "dead %", "MS mean", "MS median", "MS e_n",
                "purity@top", "purity@all"] + [f"probe m={m}" for m in budgets] + ["probe raw"]
               + [f"FVU k'={k}" for k in sweep])
     rows = []
@@ -130,12 +130,26 @@ def summary_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
         row = [c["name"], c["config"]["arch"], str(c["config"]["k"]), str(c["config"]["n_latents"]),
                _fmt(rec["fvu"], 4), _fmt(sp["l0"], 1), _fmt(100 * sp["dead_fraction"], 1),
                _fmt(c["monosemanticity"]["mean"], 3), _fmt(c["monosemanticity"]["median"], 3),
-               _fmt(pu.get("top", {}).get("mean"), 3), _fmt(pu.get("all", {}).get("mean"), 3)]
+               _ms_encoder(doc, c), _fmt(pu.get("top", {}).get("mean"), 3), _fmt(pu.get("all", {}).get("mean"), 3)]
         row += [_fmt(pr.get("budgets", {}).get(str(m), {}).get("accuracy"), 3) for m in budgets]
         row += [_fmt(pr.get("raw", {}).get("accuracy"), 3)]
         row += [_fmt(c["k_sweep"].get(str(k), {}).get("fvu"), 4) for k in sweep]
         rows.append(row)
     return header, rows
+
+
+def _ms_encoder(doc: dict, c: dict) -> str:
+    """The encoder whose image embeddings e_n this checkpoint's MS compares images with."""
+    groups = doc["groups"]
+    g = groups[c["group"]] if isinstance(c.get("group"), int) and c["group"] < len(groups) else {}
+    return str(g.get("ms_encoder", "–"))
+
+
+def _penalties_on(c: dict) -> str:
+    train = c.get("train") or {}
+    if train.get("reg", "none") == "none":
+        return "–"
+    return "relu(z)" if train.get("reg_on", "raw") == "relu" else "|z|"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -149,8 +163,11 @@ def markdown(doc: dict, figures: dict[str, str]) -> str:
     parts = ["# SAE evaluation", "", _table(header, rows), ""]
     parts += ["FVU: fraction of variance unexplained on held-out images (lower is better). L0: mean number of "
               "firing latents per row. dead: latents that never fire on the held-out rows. MS: Monosemanticity "
-              "Score (Pach et al. 2025) over live latents. purity: share of a latent's firing images in its most "
-              "frequent class, over its top images / over all images where it fires, mean over live latents. "
+              "Score (Pach et al. 2025) over live latents that fire on at least two images; MS e_n: the encoder "
+              "whose image embeddings it compares (own layer: circular, an untrained SAE scores above 0; pass "
+              "--ms-embeddings STORE for an independent backbone). purity: share of a latent's firing images in its most "
+              "frequent class, over its top images / over all images where it fires, mean over live latents "
+              "that fire on at least two labelled images (as MS). "
               "probe m: held-out accuracy of a logistic-regression probe on each image's m largest latents; raw: "
               "the same probe on the raw image-level activations. FVU k': FVU when the model keeps k' latents.", ""]
     parts += ["## Data", ""]
@@ -166,22 +183,32 @@ def markdown(doc: dict, figures: dict[str, str]) -> str:
     parts += ["", "## Details", ""]
     detail_header = ["checkpoint", "MS baseline", "MSE", "EV", "NMSE", "cosine", "l2 ratio", "rel. bias", "dense",
                      "l1/l2 of z+",
-                     "latents for 90% of z+", "latents for 90% of code", "per-input k (mean, q05-q95)"]
+                     "latents for 90% of z+", "latents for 90% of code", "per-input k (mean, q05-q95)",
+                     "MS latents", "purity@top latents", "purity@all latents", "penalties on",
+                     "trained l1/l2", "trained off-support l1"]
     detail_rows = []
     for c in doc["checkpoints"]:
         rec, sp = c["reconstruction"], c["sparsity"]
         kd = sp.get("k_distribution")
+        tp = sp.get("trained_penalties", {})
         detail_rows.append([c["name"], _fmt(c["monosemanticity"]["baseline_mean_cosine"], 3), f"{rec['mse']:.4g}",
                             _fmt(rec["explained_variance"], 4), _fmt(rec["nmse"], 4),
                             _fmt(rec["cosine"], 4), _fmt(rec["l2_ratio"], 4), _fmt(rec["rel_bias"], 4),
                             str(sp["dense"]), _fmt(sp["l1_l2_ratio"], 2), _fmt(sp["latents_for_mass"], 1),
                             _fmt(sp["kept_latents_for_mass"], 1),
-                            f"{kd['mean']:.2f} ({kd['q05']:.1f}-{kd['q95']:.1f})" if kd else "fixed"])
+                            f"{kd['mean']:.2f} ({kd['q05']:.1f}-{kd['q95']:.1f})" if kd else "fixed",
+                            str(c["monosemanticity"]["n_latents"]),
+                            str(c["purity"].get("top", {}).get("n_latents", "–")),
+                            str(c["purity"].get("all", {}).get("n_latents", "–")),
+                            _penalties_on(c), _fmt(tp.get("l1_l2_ratio"), 2), _fmt(tp.get("off_support_l1"), 2)])
     parts += [_table(detail_header, detail_rows), ""]
     parts += ["MS baseline: the mean cosine between the held-out images' embeddings, i.e. the MS of a latent that "
               "fires equally on every image; MS above it measures selectivity. "
               "z+ is the positive part of the pre-sparsity encoder output z (only positive values can enter a "
-              "Top-k/ReLU code); l1/l2 is its mean ||z+||_1 / ||z+||_2 per row.", ""]
+              "Top-k/ReLU code); l1/l2 is its mean ||z+||_1 / ||z+||_2 per row. "
+              "penalties on: what the checkpoint's regularizers measured (|z| or relu(z); – when trained without "
+              "them); trained l1/l2 and off-support l1: those quantities as trained, over the batch-active latents "
+              "of each evaluation batch (a set that grows with the batch size).", ""]
     notes = [f"- {c['name']}: {c['k_sweep_note']}" for c in doc["checkpoints"] if c.get("k_sweep_note")]
     notes += [f"- {c['name']}: probes skipped ({c['probes']['skipped']})" for c in doc["checkpoints"]
               if "skipped" in c["probes"]]

@@ -135,11 +135,15 @@ def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.dev
                     ) -> tuple[GroupInfo, list[CheckpointResult]]:
     store, info, probe_src = group.store, group.store.layer(group.layer), group.probe_store
     T = info.tokens_per_image
+    if cfg.image_pooling == "cls" and T > 1 and info.token_kind != "all":
+        raise UserError(f"--image-pooling cls reads each image's class token, but layer '{group.layer}' of "
+                        f"{store.path} holds '{info.token_kind}' tokens: extract with --tokens all, or use max")
     im = _select_images(group, cfg)
     budgets = sorted(cfg.probe_budgets)
     n_classes = _n_classes(store, probe_src)
     evals = [ModelEval(ck, info, im.other.d if im.other else info.d, n_classes, tuple(cfg.k_sweep),
-                       max(budgets, default=1), cfg.top_images, device) for ck in group.checkpoints]
+                       max(budgets, default=1), cfg.top_images, device, cfg.image_pooling)
+             for ck in group.checkpoints]
     per_batch = max(1, cfg.batch_rows // T)
     name = f"{Path(store.path).name}/{group.layer}"
     raw_eval, raw_train = [], []  # image-level raw activations, for the reference probe
@@ -186,10 +190,10 @@ def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.dev
                    "step": ck.meta.get("step"), "train_metrics": ck.meta.get("metrics"), "layer": group.layer,
                    **summary, "latents": _latent_lists(tables)}
         results.append(CheckpointResult(ck.name, str(ck.path), summary, tables, index))
-    return GroupInfo(store, group.layer, _group_summary(group, im)), results
+    return GroupInfo(store, group.layer, _group_summary(group, im, cfg)), results
 
 
-def _group_summary(group: Group, im: _Images) -> dict:
+def _group_summary(group: Group, im: _Images, cfg: EvalConfig) -> dict:
     store, info = group.store, group.store.layer(group.layer)
     T = info.tokens_per_image
     return {
@@ -205,8 +209,12 @@ def _group_summary(group: Group, im: _Images) -> dict:
         "probe_train_images": int(im.probe_train.size) if im.probe_skip is None else 0,
         "probe_train_store": str(group.probe_store.path) if group.probe_store is not None else None,
         "ms_embeddings": im.other.label if im.other else f"the evaluated layer's image-level vectors ({info.name})",
+        "ms_encoder": (f"{im.other.store.backbone.get('id')}/{im.other.layer}" if im.other
+                       else f"own layer ({info.name})"),
         "images_without_embedding": im.n_no_embedding,
-        "pooling": "per-image activation of a latent = its maximum over the image's tokens" if T > 1 else None,
+        "pooling": (None if T == 1 else "per-image activation of a latent = its activation on the class token "
+                    "(--image-pooling cls)" if cfg.image_pooling == "cls" else "per-image activation of a latent = "
+                    "its maximum over the image's tokens (--image-pooling cls: its class-token activation)"),
         "checkpoints": [str(ck.path) for ck in group.checkpoints],
     }
 

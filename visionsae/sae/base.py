@@ -36,6 +36,16 @@ class SAEConfig:
                    extra=dict(d.get("extra", {})))
 
 
+def setting(cfg: SAEConfig, key: str) -> Any:
+    """A variant's resolved setting from ``cfg.extra``. Defaults are resolved once, when a model is first
+    configured (``registry.resolve_config``), and saved with it, so a later change of a default never
+    changes what a saved model computes; a missing key is an error, never a silent default."""
+    if key not in cfg.extra:
+        raise KeyError(f"the {cfg.arch} config has no setting '{key}' (a checkpoint from an older visionsae, "
+                       f"which did not save it?): retrain, or add the value to config.extra")
+    return cfg.extra[key]
+
+
 class SAEOutput(NamedTuple):
     x_hat_BD: torch.Tensor  # reconstruction
     z_BN: torch.Tensor  # encoder output entering the sparsifier (before Top-k / ReLU gating)
@@ -56,6 +66,14 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+
+    @classmethod
+    def default_settings(cls, d_in: int, n_latents: int, k: int, variance_fraction: float) -> dict[str, Any]:
+        """Every variant-specific setting (``SAEConfig.extra``) with its default value.
+
+        ``variance_fraction``: the data's E||x - mean||^2 / E||x||^2 (1 when unknown), for settings whose
+        reference values are stated for differently normalised inputs."""
+        return {}
 
     # --- the three steps -------------------------------------------------------------------
     def encode_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -119,3 +137,10 @@ class SparseAutoencoder(nn.Module):
 
     def after_step(self) -> None:
         """After the optimiser step (e.g. renormalise decoder rows)."""
+
+    needs_calibration: ClassVar[bool] = False  # whether calibrate does anything (the trainer then keeps rows for it)
+
+    def calibrate(self, x_BD: torch.Tensor) -> None:
+        """Fit inference-only settings to the current weights on training rows x_BD (scaled units).
+
+        Called before every saved checkpoint, outside the training step (BatchTopK's threshold)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 from visionsae.errors import UserError
 from visionsae.sae.base import SAEConfig, SparseAutoencoder
@@ -25,6 +25,19 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     if cfg.arch not in _REGISTRY:
         raise UserError(f"unknown SAE architecture '{cfg.arch}': choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[cfg.arch](cfg)
+
+
+def resolve_config(arch: str, d_in: int, n_latents: int, k: int, *, variance_fraction: float = 1.0,
+                   **overrides: Any) -> SAEConfig:
+    """An SAEConfig whose ``extra`` holds EVERY setting of the variant, resolved now (defaults, then the
+    given overrides; None means default). Overrides the variant does not have are ignored, so a caller
+    can pass every flag it has."""
+    _import_variants()
+    if arch not in _REGISTRY:
+        raise UserError(f"unknown SAE architecture '{arch}': choose one of {', '.join(sorted(_REGISTRY))}")
+    extra = _REGISTRY[arch].default_settings(d_in, n_latents, k, variance_fraction)
+    extra.update({key: v for key, v in overrides.items() if key in extra and v is not None})
+    return SAEConfig(arch=arch, d_in=d_in, n_latents=n_latents, k=k, extra=extra)
 
 
 def _import_variants() -> None:

@@ -11,9 +11,11 @@ while this project's reconstruction loss is that error divided by the (scaled) v
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from visionsae.sae.base import SAEConfig, SAEOutput
+from visionsae.sae.base import SAEConfig, SAEOutput, setting
 from visionsae.sae.dictionary import DictionarySAE
 from visionsae.sae.registry import register
 
@@ -25,12 +27,15 @@ class ReLUSAE(DictionarySAE):
     uses_auxk = False  # the l1 recipe has no dead-latent revival
     decoder_init_norm = 0.1  # Anthropic: small random-direction decoder rows, W_enc = W_dec^T
 
+    @classmethod
+    def default_settings(cls, d_in: int, n_latents: int, k: int, variance_fraction: float) -> dict[str, Any]:
+        return {"l1_coeff": 5.0 / d_in, "l1_warmup_frac": 0.05}
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        l1 = cfg.extra.get("l1_coeff")
-        self.l1_coeff = 5.0 / cfg.d_in if l1 is None else float(l1)
+        self.l1_coeff = float(setting(cfg, "l1_coeff"))
         assert self.l1_coeff >= 0, f"l1_coeff must be non-negative, got {self.l1_coeff}"
-        self.l1_warmup_frac = float(cfg.extra.get("l1_warmup_frac", 0.05))
+        self.l1_warmup_frac = float(setting(cfg, "l1_warmup_frac"))
         self._l1_now = self.l1_coeff
 
     def sparsify(self, z_BN: torch.Tensor, x_BD: torch.Tensor, k: int | None = None):

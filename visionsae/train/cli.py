@@ -39,7 +39,11 @@ def _list(kind, name):
               help="Regularizer: none|off|ratio|both (off: off-support l1, ratio: l1/l2), or a list.")
 @click.option("--beta", default=str(DEFAULT_BETA), callback=_list(float, "beta"), help="Off-support l1 weight(s).")
 @click.option("--gamma", default=str(DEFAULT_GAMMA), callback=_list(float, "gamma"), help="l1/l2 ratio weight(s).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents)).")
+@click.option("--reg-on", default="raw", callback=_list(str, "reg_on"),
+              help="What the penalties measure: raw (|z|, negative pre-activations included, the paper's sample "
+                   "code) or relu (relu(z), only what can enter the code), or a list.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents) x m, m = 3 for runs "
+              "up to 1,000 steps, falling as 1/steps to 1 at 3,000; see BENCHMARKS.md).")
 @click.option("--batch-size", type=int, default=4096, show_default=True)
 @click.option("--steps", type=int, default=None, help="Optimisation steps.")
 @click.option("--epochs", type=float, default=None, help="Passes over the training rows (default 1).")
@@ -66,8 +70,15 @@ def _list(kind, name):
 @click.option("--export-saelens", is_flag=True, help="Also write <run>/saelens/ (safetensors + cfg.json).")
 @click.option("--export-sparsify", is_flag=True, help="Also write <run>/sparsify/ (sparsify's layout; topk runs).")
 @click.option("--l1-coeff", type=float, default=None, help="relu: l1 weight (default 5 / d).")
-@click.option("--softk-alpha", type=float, default=1e-4, show_default=True, help="softk: LapSum temperature.")
-@click.option("--softk-weight", type=float, default=None, help="softk: k-penalty weight (default 1 / d).")
+@click.option("--softk-alpha", type=float, default=1e-4, show_default=True,
+              help="softk: LapSum temperature, in the reference's units (inputs at E||x||^2 = 1; applied as "
+                   "alpha * sqrt(d) to this trainer's E||x||^2 = d inputs).")
+@click.option("--softk-weight", type=float, default=None,
+              help="softk: k-penalty weight (default 1 / variance fraction: the reference's weight 1 in this "
+                   "trainer's loss units). Runs need at least 2 x 200 + the hard phase (15%) steps for the k "
+                   "anneal; the mean k then sits about one latent below --k (the penalty on the batch mean keeps "
+                   "pushing): measured 14.5 at k = 16 after 200 steps on image embeddings. Train 1,500 steps or "
+                   "more to compare it with Top-k.")
 @click.option("--compile", "compile", is_flag=True, help="torch.compile each model's forward (worth it on a GPU).")
 @click.option("--threads", type=int, default=None, help="CPU threads for the step (default: torch's; 1 is "
               "fastest when other processes share the cores).")

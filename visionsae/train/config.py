@@ -28,6 +28,7 @@ from visionsae.errors import UserError
 REGS = ("none", "off", "ratio", "both")
 MAX_ROWS = 1 << 62  # the step and row counters are int64
 MAX_LATENTS = 1 << 31
+REG_ON = ("raw", "relu")  # the same names as visionsae.train.regularizers.REG_ON
 DEFAULT_BETA = 1e-5
 DEFAULT_GAMMA = 1e-3
 
@@ -43,7 +44,8 @@ class TrainConfig:
     reg: tuple[str, ...] = ("none",)
     beta: tuple[float, ...] = (DEFAULT_BETA,)
     gamma: tuple[float, ...] = (DEFAULT_GAMMA,)
-    lr: float | None = None  # default 2e-4 * sqrt(2^14 / n_latents)
+    reg_on: tuple[str, ...] = ("raw",)  # what the penalties measure: raw |z| or relu(z) (regularizers.py)
+    lr: float | None = None  # default: config.default_lr (3x Gao et al.'s 2e-4 sqrt(2^14 / n) in short runs)
     batch_size: int = 4096
     steps: int | None = None
     epochs: float | None = None  # default 1 when steps is not given
@@ -68,8 +70,8 @@ class TrainConfig:
     export_saelens: bool = False
     export_sparsify: bool = False
     l1_coeff: float | None = None  # relu: l1 weight (default 5 / d)
-    softk_alpha: float = 1e-4  # softk: LapSum temperature
-    softk_weight: float | None = None  # softk: k penalty weight (default 1 / d)
+    softk_alpha: float = 1e-4  # softk: LapSum temperature at E||x||^2 = 1 (the reference's units; x sqrt(d) here)
+    softk_weight: float | None = None  # softk: k penalty weight (default 1 / variance fraction, see sae/softk.py)
     progress: bool = True
     compile: bool = False  # torch.compile the models' forward (GPU: fewer kernel launches)
     threads: int | None = None  # CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine
@@ -88,6 +90,11 @@ class TrainConfig:
         for r in self.reg:
             if r not in REGS:
                 raise UserError(f"unknown --reg '{r}': choose from {', '.join(REGS)}")
+        for r in self.reg_on:
+            if r not in REG_ON:
+                raise UserError(f"unknown --reg-on '{r}': choose from {', '.join(REG_ON)}")
+        if not self.reg_on:
+            raise UserError("--reg-on needs at least one value")
         for name, vals in (("beta", self.beta), ("gamma", self.gamma)):
             for v in vals:
                 if not (v >= 0 and math.isfinite(v)):
@@ -173,6 +180,7 @@ class RunSpec:
     reg: str
     beta: float
     gamma: float
+    reg_on: str = "raw"  # what the penalties measure: |z| ("raw") or relu(z) ("relu")
 
     @property
     def name(self) -> str:
@@ -181,6 +189,8 @@ class RunSpec:
             parts.append(f"b{self.beta:g}")
         if self.reg in ("ratio", "both"):
             parts.append(f"g{self.gamma:g}")
+        if self.reg != "none" and self.reg_on != "raw":
+            parts.append(f"on{self.reg_on}")
         return "-".join(parts)
 
     @property
@@ -200,10 +210,12 @@ def expand_runs(cfg: TrainConfig) -> list[RunSpec]:
             for reg in cfg.reg:
                 betas = cfg.beta if reg in ("off", "both") else cfg.beta[:1]
                 gammas = cfg.gamma if reg in ("ratio", "both") else cfg.gamma[:1]
+                ons = cfg.reg_on if reg != "none" else cfg.reg_on[:1]
                 for b in betas:
                     for g in gammas:
-                        spec = RunSpec(arch, int(k), reg, float(b), float(g))
-                        runs.setdefault(spec.name, spec)
+                        for on in ons:
+                            spec = RunSpec(arch, int(k), reg, float(b), float(g), on)
+                            runs.setdefault(spec.name, spec)
     return list(runs.values())
 
 
@@ -221,6 +233,24 @@ def _size(n: float) -> str:
     return f"{n / 2 ** 10:,.1f} KiB"
 
 
-def default_lr(n_latents: int) -> float:
-    """The Top-k scaling law (Gao et al. 2024): 2e-4 at 2^14 latents, as 1 / sqrt(n)."""
+def llm_lr(n_latents: int) -> float:
+    """The Top-k scaling law (Gao et al. 2024): 2e-4 at 2^14 latents, as 1 / sqrt(n); from LLM-scale runs."""
     return 2e-4 * math.sqrt(2 ** 14 / n_latents)
+
+
+SHORT_RUN_MULTIPLE = 3.0  # best multiple of llm_lr in runs of 200 and 800 steps (BENCHMARKS.md, lr sweep)
+SHORT_RUN_STEPS = 1000  # runs up to this long take the full multiple
+
+
+def default_lr(n_latents: int, steps: int | None = None) -> float:
+    """sae-train's default: llm_lr(n) x clip(3 x 1000 / steps, 1, 3).
+
+    The LLM-scale rule comes from runs of millions of steps; in runs of 200 and 800 steps on real image
+    embeddings, 3x it gave the lowest held-out FVU at every width tried (10x: worse, and most latents dead),
+    and at 3,200 steps 1x was better than 3x (bench/lr_sweep.py, BENCHMARKS.md). So short runs get 3x,
+    runs of 3,000 steps or more the LLM rule, and the multiple falls as 1 / steps in between (an
+    interpolation, not measured point by point). ``steps`` None: the LLM rule."""
+    if steps is None:
+        return llm_lr(n_latents)
+    multiple = min(SHORT_RUN_MULTIPLE, max(1.0, SHORT_RUN_MULTIPLE * SHORT_RUN_STEPS / max(steps, 1)))
+    return multiple * llm_lr(n_latents)

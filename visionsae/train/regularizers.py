@@ -7,11 +7,25 @@ Values are batch means and unweighted (the trainer multiplies by beta / gamma).
 
 ``support_BK`` marks which entries of ``topk_idx_BK`` belong to S_i (variants with a varying number of
 kept latents pad their rows); ``active_N`` passes a precomputed A, e.g. the union over all ranks.
+
+``on`` names what the penalties measure (``--reg-on``): "raw" (default) penalises |z|, negative
+pre-activations included, as the sample code circulating with the paper does (Top-k runs on the raw z,
+then ReLU); "relu" penalises relu(z), the part that can enter the code, so negative entries get no
+push. After 300 steps with both penalties on |z|, most of the off-support mass came from negative z,
+whose gradient pushes them up toward firing: the choice is recorded in every checkpoint and report.
 """
 
 from __future__ import annotations
 
 import torch
+
+REG_ON = ("raw", "relu")
+
+
+def _measured(z: torch.Tensor, on: str) -> torch.Tensor:
+    """What the penalties take the absolute value of: z itself, or its positive part."""
+    assert on in REG_ON, f"on must be one of {REG_ON}, got {on!r}"
+    return z if on == "raw" else z.relu()
 
 
 def batch_active(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,8 +45,9 @@ def _support_mask(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | 
 
 
 def off_support_l1(z: torch.Tensor, topk_idx: torch.Tensor, *, support_BK: torch.Tensor | None = None,
-                   active_N: torch.Tensor | None = None) -> torch.Tensor:
-    """mean_i sum_{j in A minus S_i} |z_ij|."""
+                   active_N: torch.Tensor | None = None, on: str = "raw") -> torch.Tensor:
+    """mean_i sum_{j in A minus S_i} |z_ij| (on = "relu": relu(z_ij))."""
+    z = _measured(z, on)
     n = z.shape[1]
     A_N = batch_active(topk_idx, n, support_BK) if active_N is None else active_N
     S_BN = _support_mask(topk_idx, n, support_BK)
@@ -42,8 +57,9 @@ def off_support_l1(z: torch.Tensor, topk_idx: torch.Tensor, *, support_BK: torch
 
 
 def l1_l2_ratio(z: torch.Tensor, topk_idx: torch.Tensor, *, support_BK: torch.Tensor | None = None,
-                active_N: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """mean_i ||z_iA||_1 / (||z_iA||_2 + eps)."""
+                active_N: torch.Tensor | None = None, eps: float = 1e-8, on: str = "raw") -> torch.Tensor:
+    """mean_i ||z_iA||_1 / (||z_iA||_2 + eps) (on = "relu": of relu(z))."""
+    z = _measured(z, on)
     A_N = batch_active(topk_idx, z.shape[1], support_BK) if active_N is None else active_N
     zA_BA = z[:, A_N.nonzero().squeeze(1)]
     l1_B = zA_BA.abs().sum(1)
@@ -89,8 +105,9 @@ class _ActiveSetPenalties(torch.autograd.Function):
 
 
 def active_set_penalties(z: torch.Tensor, topk_idx: torch.Tensor, *, support_BK: torch.Tensor | None = None,
-                         active_N: torch.Tensor | None = None, eps: float = 1e-8
+                         active_N: torch.Tensor | None = None, eps: float = 1e-8, on: str = "raw"
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(off_support_l1, l1_l2_ratio) together, fused; same arguments and values as the two functions."""
     A_N = batch_active(topk_idx, z.shape[1], support_BK) if active_N is None else active_N
-    return _ActiveSetPenalties.apply(z, A_N, topk_idx, support_BK, eps)
+    # relu's backward (zero where z <= 0) composes with the fused one by autograd
+    return _ActiveSetPenalties.apply(_measured(z, on), A_N, topk_idx, support_BK, eps)

@@ -54,7 +54,8 @@ class Run:
             support_BK = m.support_mask(out)
             z_BN = out.z_BN.float()
             active_N = global_active(batch_active(out.idx_BK, m.cfg.n_latents, support_BK))
-            off, ratio = active_set_penalties(z_BN, out.idx_BK, support_BK=support_BK, active_N=active_N)
+            off, ratio = active_set_penalties(z_BN, out.idx_BK, support_BK=support_BK, active_N=active_N,
+                                              on=spec.reg_on)
             if spec.beta_eff > 0:
                 terms["off"] = spec.beta_eff * off
             if spec.gamma_eff > 0:

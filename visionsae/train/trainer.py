@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from visionsae.errors import UserError
 from visionsae.sae.base import SAEConfig
 from visionsae.sae.checkpoint import save_checkpoint
-from visionsae.sae.registry import build_sae
+from visionsae.sae.registry import build_sae, resolve_config
 from visionsae.store import Store, open_store
 from visionsae.train import distributed
 from visionsae.train.config import RunSpec, TrainConfig, default_lr, expand_runs
@@ -99,15 +99,10 @@ def _scale_and_variance(store: Store, layer: str) -> tuple[float, float]:
     return scale, variance
 
 
-def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int) -> SAEConfig:
-    extra: dict[str, Any] = {}
-    if spec.arch == "relu" and cfg.l1_coeff is not None:
-        extra["l1_coeff"] = cfg.l1_coeff
-    if spec.arch == "softk":
-        extra["alpha"] = cfg.softk_alpha
-        if cfg.softk_weight is not None:
-            extra["k_weight"] = cfg.softk_weight
-    return SAEConfig(arch=spec.arch, d_in=d, n_latents=n, k=spec.k, extra=extra)
+def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int, variance: float) -> SAEConfig:
+    # Every variant setting is resolved here and saved in the checkpoint (issue 13); None = the default.
+    return resolve_config(spec.arch, d, n, spec.k, variance_fraction=variance / d, l1_coeff=cfg.l1_coeff,
+                          alpha=cfg.softk_alpha, k_weight=cfg.softk_weight)
 
 
 class Trainer:
@@ -154,14 +149,14 @@ class Trainer:
         self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n_rows / cfg.batch_size))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, self.total // 10)
         self.dead_rows = cfg.dead_rows or default_dead_rows(n_rows, self.total * cfg.batch_size, cfg.batch_size)
-        self.lr = cfg.lr or default_lr(self.n)
+        self.lr = cfg.lr or default_lr(self.n, self.total)
         self.save_every = cfg.save_every if cfg.save_every is not None else default_save_every(self.total)
         self.saved_step: int | None = None
         autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
         self.runs = []
         for spec in self.specs:
             torch.manual_seed(cfg.seed)  # every configuration starts from the same dictionary
-            model = build_sae(_sae_config(cfg, spec, self.d, self.n)).to(self.device)
+            model = build_sae(_sae_config(cfg, spec, self.d, self.n, self.variance)).to(self.device)
             self.runs.append(Run(spec, model, lr=self.lr, variance=self.variance, dead_rows=self.dead_rows,
                                  auxk_coeff=cfg.auxk_coeff, grad_clip=cfg.grad_clip, world=self.dist.world,
                                  autocast_dtype=torch.bfloat16 if autocast else None))
@@ -179,11 +174,15 @@ class Trainer:
             sample_BD = self.loader.sample(INIT_SAMPLE_ROWS)
             for run in self.runs:
                 run.model.init_from_sample(sample_BD)
+        # issue 13: rows on which models fit inference-only settings to their current weights (BatchTopK)
+        self.calib_BD = (self.loader.sample(INIT_SAMPLE_ROWS)
+                         if any(r.model.needs_calibration for r in self.runs) else None)
 
     # --- saving ------------------------------------------------------------------------------
     def _train_meta(self, spec: RunSpec) -> dict[str, Any]:
         c = self.cfg
-        return {"name": spec.name, "arch": spec.arch, "k": spec.k, "reg": spec.reg, "beta": spec.beta_eff,
+        return {"name": spec.name, "arch": spec.arch, "k": spec.k, "reg": spec.reg, "reg_on": spec.reg_on,
+                "beta": spec.beta_eff,
                 "gamma": spec.gamma_eff, "n_latents": self.n, "lr": self.lr, "batch_size": c.batch_size,
                 "total_steps": self.total, "warmup_steps": self.warmup, "decay_frac": c.decay_frac,
                 "grad_clip": c.grad_clip, "auxk_coeff": c.auxk_coeff, "dead_rows": self.dead_rows,
@@ -194,6 +193,7 @@ class Trainer:
         for run in self.runs:  # never replace a good checkpoint with a diverged model (weights equal on all ranks)
             if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
                 raise UserError(self._diverged(run.spec.name, "its weights are not finite"))
+        self._calibrate()
         if self.dist.main:
             split = {"val_slots": torch.from_numpy(self.val_slots.copy()), "val_fraction": self.cfg.val_fraction,
                      "seed": self.cfg.seed}
@@ -222,6 +222,12 @@ class Trainer:
         for name, rec in last.items():
             if "loss" in rec and not math.isfinite(rec["loss"]):
                 raise UserError(self._diverged(name, f"its loss is {rec['loss']}"))
+
+    def _calibrate(self) -> None:
+        """issue 13: every model's inference-only settings fitted to its current weights (same rows on every rank)."""
+        if self.calib_BD is not None:
+            for run in self.runs:
+                run.model.calibrate(self.calib_BD)
 
     def _log(self, run: Run, record: dict[str, Any]) -> None:
         if self.dist.main:
@@ -279,6 +285,7 @@ class Trainer:
             if main:
                 print(f"stopped at step {self.step} of {self.total}; continue with the same command plus --resume")
             return [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
+        self._calibrate()
         final = self._final_metrics(last)
         self.save(final)
         paths = [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
