@@ -30,7 +30,7 @@ def test_random_sae_scores_ms_zero_with_an_independent_encoder(tmp_path):
                     store={"path": str(store.path), "fingerprint": store.fingerprint,
                            "layer_fingerprint": store.layer_fingerprint("emb"), "layer": "emb", "d": d},
                     split={"val_slots": torch.arange(n), "val_fraction": 1.0, "seed": 0}, train={}, step=0, metrics={})
-    common = dict(k_sweep=(), probe_budgets=(), html_latents=0, progress=False)
+    common = dict(k_sweep=(), probe_budgets=(), progress=False)
     own = evaluate(EvalConfig([str(ck)], **common))
     other = evaluate(EvalConfig([str(ck)], ms_embeddings=str(tmp_path / "b"), **common))
     ms_own = own.checkpoints[0].summary["monosemanticity"]
@@ -63,7 +63,7 @@ def test_class_token_pooling_is_offered_for_token_layers(tmp_path):
                     store={"path": str(store.path), "fingerprint": store.fingerprint,
                            "layer_fingerprint": store.layer_fingerprint("blocks"), "layer": "blocks", "d": d},
                     split={"val_slots": torch.arange(n), "val_fraction": 1.0, "seed": 0}, train={}, step=0, metrics={})
-    common = dict(k_sweep=(), probe_budgets=(), html_latents=0, batch_rows=8 * T, progress=False)
+    common = dict(k_sweep=(), probe_budgets=(), batch_rows=8 * T, progress=False)
     with torch.no_grad():
         code = model.eval().dense_code(*model.encode(torch.from_numpy(x))).view(n, T, -1)
     e = x.reshape(n, T, d)[:, 0]  # token_kind 'all': the class token is the image vector

@@ -38,7 +38,7 @@ def test_inference_l0_on_held_out_rows_is_k(store, tmp_path):
                               n_latents=192, batch_size=256, steps=120, lr=3e-3, val_fraction=0.2,
                               progress=False, log_every=1000))
     res = evaluate(EvalConfig([str(p) for p in paths], k_sweep=(), probe_budgets=(), out=str(tmp_path / "rep"),
-                              html_latents=0, progress=False))
+                              progress=False))
     for ck in res.checkpoints:
         k = int(ck.name.split("-k")[1].split("-")[0])
         l0 = ck.summary["sparsity"]["l0"]
