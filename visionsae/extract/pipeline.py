@@ -57,6 +57,14 @@ class Plan(NamedTuple):
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
 
+    # ``with build_plan(...) as plan``: the capture's forward hooks leave the backbone when the plan is done
+    # with, whether extraction finished or failed (the caller's backbone is then as it was).
+    def __enter__(self) -> "Plan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.capture.close()
+
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     cfg.validate()
@@ -66,7 +74,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     t0 = time.perf_counter()
     ranks.init()
     try:
-        return run_plan(build_plan(cfg, ranks.local_rank), cfg, ranks, t0)
+        with build_plan(cfg, ranks.local_rank) as plan:
+            return run_plan(plan, cfg, ranks, t0)
     finally:
         ranks.close()
 
@@ -101,8 +110,12 @@ def build_plan(cfg: ExtractConfig, local_rank: int = 0) -> Plan:
     memory_format = torch.preserve_format if bb.is_transformer else torch.channels_last
     bb.module.to(device=device, memory_format=memory_format)
     capture = Capture(bb, taps)
-    blank_CHW = bb.transform(Image.new("RGB", (32, 32)))
-    layers = capture.layer_specs(tuple(blank_CHW.shape[1:]))
+    try:
+        blank_CHW = bb.transform(Image.new("RGB", (32, 32)))
+        layers = capture.layer_specs(tuple(blank_CHW.shape[1:]))
+    except BaseException:
+        capture.close()
+        raise
     positions = even_subset(len(source), cfg.limit)
     amp_dtype = _autocast_dtype(device)
     backbone_attrs = bb.attrs()
