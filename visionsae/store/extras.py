@@ -20,7 +20,7 @@ import numpy as np
 
 from visionsae.errors import StoreError
 from visionsae.store.consolidate import consolidated_metadata
-from visionsae.store.layout import atomic_write
+from visionsae.store.layout import write_store_file
 
 HEAD_VERSION = 1
 HEAD_DIMENSION_NAMES = {"weight": ("class", "feature"), "bias": ("class",)}
@@ -89,7 +89,7 @@ def _consolidate_head(path: Path) -> None:
         return  # an unconsolidated store: readers list the nodes themselves
     nodes = dict.fromkeys([*root["consolidated_metadata"]["metadata"], "head", "head/weight", "head/bias"])
     root["consolidated_metadata"] = consolidated_metadata(path, nodes)
-    atomic_write(root_file, json.dumps(root, indent=2).encode())
+    write_store_file(root_file, json.dumps(root, indent=2).encode())
 
 
 def read_head(path: str | Path) -> ClassifierHead | None:
