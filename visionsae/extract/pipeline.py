@@ -29,6 +29,7 @@ from visionsae.extract.config import ExtractConfig
 from visionsae.extract.datasets import ImageSource, SlotImages, even_subset, open_dataset
 from visionsae.extract.layers import Capture, default_tokens, resolve_layers
 from visionsae.extract.workers import BackgroundWriter, Ranks, copy_to_host
+from visionsae.device import resolve_device
 from visionsae.store import StoreSpec, StoreWriter, open_store
 from visionsae.store.extras import write_head
 
@@ -132,12 +133,11 @@ def build_plan(cfg: ExtractConfig, local_rank: int = 0) -> Plan:
 
 
 def _device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    # ranks share the visible GPUs round-robin (extraction needs no collective on its own device)
+    device = resolve_device(choice, local_rank % max(torch.cuda.device_count(), 1))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
