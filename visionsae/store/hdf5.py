@@ -266,10 +266,6 @@ def _first_line(err: BaseException) -> str:
 
 
 # --- reading -------------------------------------------------------------------------------------
-def open_reader(path: Path) -> "H5Reader":
-    return H5Reader(path)
-
-
 class H5Reader:
     """Read access for the reader: attributes, small arrays, and memory maps of ``acts``."""
 
@@ -330,3 +326,6 @@ class H5Reader:
     def chunk_bytes(self, key: str, start: int, stop: int) -> memoryview:
         """The bytes a manifest checksum covers: elements start..stop (the shard's) of dataset ``key``."""
         return memoryview(np.ascontiguousarray(self.file[key][start:stop])).cast("B")
+
+
+open_reader = H5Reader  # the Backend entry point of the read side

@@ -192,10 +192,6 @@ class ZarrChunkWriter:
 
 
 # --- reading -------------------------------------------------------------------------------------
-def open_reader(path: Path) -> "ZarrReader":
-    return ZarrReader(path)
-
-
 class ZarrReader:
     format = FORMAT
 
@@ -300,3 +296,6 @@ class ZarrReader:
             return (self.path / key).read_bytes()
         except FileNotFoundError:
             return None
+
+
+open_reader = ZarrReader  # the Backend entry point of the read side
