@@ -158,3 +158,31 @@ def test_cuda_with_autocast_matches_cpu(tmp_path, image_tree):
         n = stores["cpu"].layer(layer).tokens_per_image * stores["cpu"].n_images
         a, b = stores["cpu"].read_rows(layer, 0, n), stores["cuda"].read_rows(layer, 0, n)
         assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+def _hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+def test_forward_hooks_leave_the_backbone_when_extraction_ends(tmp_path, image_tree, monkeypatch):
+    """Capture's hooks are removed after extract(), whether it finished or failed (a backbone reused by the
+    caller must not keep computing and storing rows)."""
+    import visionsae.extract.pipeline as pipeline
+    loaded = []
+
+    def load_and_keep(*args, **kwargs):
+        bb = real_load(*args, **kwargs)
+        loaded.append(bb)
+        return bb
+
+    real_load = pipeline.load_backbone
+    monkeypatch.setattr(pipeline, "load_backbone", load_and_keep)
+    cfg = dict(model="timm:test_vit", random_init=True, model_kwargs={"img_size": 32}, dataset="folder",
+               data_root=str(image_tree), layers="0,1", tokens="cls", dtype="float32", batch_size=8,
+               images_per_shard=8, workers=0, progress=False)
+    extract(ExtractConfig(**cfg, out=str(tmp_path / "ok.zarr")))
+    (tmp_path / "taken").write_text("not a store")  # the writer refuses this path after the hooks are in
+    with pytest.raises(Exception, match="already exists"):
+        extract(ExtractConfig(**cfg, out=str(tmp_path / "taken")))
+    assert len(loaded) == 2
+    assert [_hook_count(bb.module) for bb in loaded] == [0, 0]

@@ -7,6 +7,7 @@ loading, --resume. The table lists them with the words the one-line refusal must
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import zipfile
@@ -35,6 +36,8 @@ CASES = [
     ("load_checkpoint", "flipped byte in a weight tensor of ckpt.pt", "checksum"),
     ("load_checkpoint", "flipped byte in the pickled metadata of ckpt.pt", "checksum|not a readable"),
     ("sae-train --resume", "flipped byte in an optimiser tensor of trainer_state.pt", "checksum"),
+    ("open_store", "n_shards edited in the root attributes (zarr)", "n_shards = 5 but"),
+    ("open_store", "dataset n_images edited in the root attributes (hdf5)", "dataset.n_images = 65 but"),
 ]
 N, D, IPS = 64, 8, 16
 
@@ -77,6 +80,20 @@ def _h5_acts_offset(path: Path, shard: int) -> int:
         return f["layers/e/acts"].id.get_offset() + shard * IPS * D * 4 + 5
 
 
+def _edit_root_attrs(path: Path, edit) -> None:
+    """Change the root's visionsae attributes in place, as a hand edit would (other bytes kept)."""
+    if path.is_dir():
+        meta = json.loads((path / "zarr.json").read_text())
+        edit(meta["attributes"]["visionsae"])
+        (path / "zarr.json").write_text(json.dumps(meta, indent=2))
+        return
+    import h5py
+    with h5py.File(path, "r+") as f:
+        attrs = json.loads(f.attrs["visionsae"])
+        edit(attrs)
+        f.attrs["visionsae"] = json.dumps(attrs)
+
+
 def _zip_entry_offset(path: Path, pick) -> int:
     """File offset of the middle of the first zip entry ``pick`` accepts (torch's zip stores entries uncompressed)."""
     with zipfile.ZipFile(path) as z:
@@ -113,6 +130,9 @@ def _damage_and_read(case: tuple[str, str, str], good: Path, tmp: Path) -> None:
         ckpt = run_dir / "ckpt.pt"
         raw = ckpt.read_bytes()
         _flip(ckpt, raw.index(b"input_scale") + 3)  # a byte of a key: still a valid pickle, different content
+    elif "edited" in damage:
+        _edit_root_attrs(store, lambda a: a.update(n_shards=a["n_shards"] + 1) if "n_shards" in damage
+                         else a["dataset"].update(n_images=a["n_images"] + 1))
     elif "trainer_state" in damage:
         state = run_dir / "trainer_state.pt"
         _flip(state, _zip_entry_offset(state, lambda i: "/data/" in i.filename and i.file_size >= 64))
@@ -124,6 +144,8 @@ def _damage_and_read(case: tuple[str, str, str], good: Path, tmp: Path) -> None:
                           progress=False))
     elif reader == "Store.read_rows":
         open_store(store).read_rows("e", shard * IPS, shard * IPS + 2)
+    elif reader == "open_store":
+        open_store(store)
     elif reader == "Store.read_slots":
         open_store(store).read_slots("e", np.array([shard * IPS + 1]))
     elif reader == "load_checkpoint":

@@ -32,7 +32,7 @@ from visionsae.store.layout import StoreSpec
 CASES = [
     ("zarr store, 2 shards", 37, "refused as incomplete (or complete and whole); --resume gives identical bytes"),
     ("hdf5 store, 2 shards", 26, "refused as incomplete (or complete and whole); --resume gives identical bytes"),
-    ("sae-train, 8 steps, saves at 4", 9, "--resume reaches bit-identical weights, optimiser state, metrics, log"),
+    ("sae-train, 8 steps, saves at 4", 10, "--resume reaches bit-identical weights, optimiser state, metrics, log"),
 ]
 WHEN = ("before", "after")
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from visionsae.errors import UserError
 from visionsae.evaluate import EvalConfig, run
 from visionsae.sae import load_checkpoint
 from visionsae.store import StoreWriter, open_store, write_array_store
-from visionsae.store import hdf5_backend
+from visionsae.store import hdf5 as hdf5_backend
 from visionsae.store.layout import LayerSpec, StoreSpec
 from visionsae.train import TrainConfig, train
 

@@ -119,3 +119,24 @@ def test_an_archive_mode_store_opens_in_xarray_and_still_verifies(tmp_path):
     ds = _open_strict(xr.open_zarr, tmp_path / "z.zarr", group="layers/b")
     assert ds["acts"].dims == ("row", "feature")
     np.testing.assert_array_equal(ds["acts"].values, acts)
+
+
+def test_both_formats_provide_every_operation_of_the_backend_interface():
+    """store.zarr and store.hdf5 are symmetric: each provides what writer.py and reader.py call, by name and arity."""
+    import inspect
+
+    from visionsae.store import backend, hdf5, zarr
+
+    def ops(proto):
+        return {n: inspect.signature(f) for n, f in vars(proto).items() if inspect.isfunction(f) and n[0] != "_"}
+
+    for module, writer_cls in ((zarr, zarr.ZarrChunkWriter), (hdf5, hdf5.H5ChunkWriter)):
+        assert module.FORMAT in ("zarr", "hdf5") and module.open_reader.format == module.FORMAT
+        for impl, proto in ((module, backend.Backend), (writer_cls, backend.ChunkWriter),
+                            (module.open_reader, backend.ChunkReader)):
+            assert len(ops(proto)) >= 4
+            for name, sig in ops(proto).items():
+                got = inspect.signature(getattr(impl, name))
+                want = [p for p in sig.parameters if p != "self"]
+                have = [p for p in got.parameters if p != "self"]
+                assert have == want, f"{impl.__name__}.{name}{got} differs from {proto.__name__}.{name}{sig}"

@@ -53,14 +53,6 @@ class Group:
     probe_skip: str | None = None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device: use --device cpu")
-    return torch.device(device)
-
-
 def load_checkpoints(paths: list[str], device: torch.device) -> list[Checkpoint]:
     out = []
     for p in paths:

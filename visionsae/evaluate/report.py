@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from visionsae.atomic import atomic_write, fsync_dir
 from visionsae.errors import UserError
 from visionsae.evaluate import html, plots
 from visionsae.locks import OutputLock
@@ -62,18 +63,20 @@ def write_report(result, out: Path) -> dict[str, Path]:
         tmp.mkdir()
         files = {"json": tmp / "report.json", "md": tmp / "report.md"}
         doc = report_dict(result)
-        files["json"].write_text(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
+        report_json = (json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n").encode()
         figures = plots.write_plots(result, tmp)
         files.update(figures)
         files["md"].write_text(markdown(doc, {k: p.name for k, p in figures.items()}))
         files["html"] = html.write_html(result, tmp, {k: p.name for k, p in figures.items()})
-        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "report.json")  # report.json last
-        for entry in entries:
+        for entry in sorted(tmp.iterdir()):
             target = out / entry.name
             if entry.is_dir() and target.is_dir():
                 old = tmp / f".old-{entry.name}"
                 os.replace(target, old)
             os.replace(entry, target)
+        fsync_dir(out)
+        # last, and durably: a report.json says that the files beside it are this report's
+        atomic_write(out / "report.json", report_json, hidden=True)
     except OSError as err:
         what = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         raise UserError(f"cannot write the report in {out} ({what}): free space or choose another --out; "

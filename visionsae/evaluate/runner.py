@@ -20,9 +20,9 @@ from visionsae.errors import UserError
 from visionsae.evaluate import probes
 from visionsae.evaluate.config import EvalConfig, check_memory
 from visionsae.evaluate.embeddings import OtherEmbeddings, image_vectors
-from visionsae.evaluate.inputs import (Group, eval_slots, group_checkpoints, load_checkpoints, probe_train_slots,
-                                       resolve_device)
+from visionsae.evaluate.inputs import Group, eval_slots, group_checkpoints, load_checkpoints, probe_train_slots
 from visionsae.evaluate.model_eval import LatentTables, ModelEval
+from visionsae.device import resolve_device
 from visionsae.store import Store
 
 

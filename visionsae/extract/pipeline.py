@@ -29,6 +29,7 @@ from visionsae.extract.config import ExtractConfig
 from visionsae.extract.datasets import ImageSource, SlotImages, even_subset, open_dataset
 from visionsae.extract.layers import Capture, default_tokens, resolve_layers
 from visionsae.extract.workers import BackgroundWriter, Ranks, copy_to_host
+from visionsae.device import resolve_device
 from visionsae.store import StoreSpec, StoreWriter, open_store
 from visionsae.store.extras import write_head
 
@@ -57,6 +58,14 @@ class Plan(NamedTuple):
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
 
+    # ``with build_plan(...) as plan``: the capture's forward hooks leave the backbone when the plan is done
+    # with, whether extraction finished or failed (the caller's backbone is then as it was).
+    def __enter__(self) -> "Plan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.capture.close()
+
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     cfg.validate()
@@ -66,7 +75,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     t0 = time.perf_counter()
     ranks.init()
     try:
-        return run_plan(build_plan(cfg, ranks.local_rank), cfg, ranks, t0)
+        with build_plan(cfg, ranks.local_rank) as plan:
+            return run_plan(plan, cfg, ranks, t0)
     finally:
         ranks.close()
 
@@ -101,8 +111,12 @@ def build_plan(cfg: ExtractConfig, local_rank: int = 0) -> Plan:
     memory_format = torch.preserve_format if bb.is_transformer else torch.channels_last
     bb.module.to(device=device, memory_format=memory_format)
     capture = Capture(bb, taps)
-    blank_CHW = bb.transform(Image.new("RGB", (32, 32)))
-    layers = capture.layer_specs(tuple(blank_CHW.shape[1:]))
+    try:
+        blank_CHW = bb.transform(Image.new("RGB", (32, 32)))
+        layers = capture.layer_specs(tuple(blank_CHW.shape[1:]))
+    except BaseException:
+        capture.close()
+        raise
     positions = even_subset(len(source), cfg.limit)
     amp_dtype = _autocast_dtype(device)
     backbone_attrs = bb.attrs()
@@ -119,12 +133,11 @@ def build_plan(cfg: ExtractConfig, local_rank: int = 0) -> Plan:
 
 
 def _device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    # ranks share the visible GPUs round-robin (extraction needs no collective on its own device)
+    device = resolve_device(choice, local_rank % max(torch.cuda.device_count(), 1))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

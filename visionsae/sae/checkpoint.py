@@ -40,26 +40,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     A full disk (torch's writer raises RuntimeError, not OSError) is a one-line CheckpointError and
     leaves the previous file as it was."""
-    from visionsae import faults
+    from visionsae.atomic import atomic_write
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            faults.fsync(f.fileno(), tmp)
-        faults.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(obj, f), hidden=True)
     except (OSError, RuntimeError) as err:
         full = getattr(err, "errno", None) == errno.ENOSPC or any(m in str(err) for m in ("No space left", "write failed"))
         what = "the disk is full" if full else (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise CheckpointError(f"cannot write {path} ({what}): free space or fix the location, then rerun with "
                               "--resume (the last saved checkpoint is kept)") from None
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def content_checksum(obj: Any) -> str:

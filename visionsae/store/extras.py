@@ -20,7 +20,8 @@ import numpy as np
 
 from visionsae.errors import StoreError
 from visionsae.store.consolidate import consolidated_metadata
-from visionsae.store.layout import atomic_write
+from visionsae.store.layout import write_store_file
+from visionsae.store.zarr import read_json
 
 HEAD_VERSION = 1
 HEAD_DIMENSION_NAMES = {"weight": ("class", "feature"), "bias": ("class",)}
@@ -84,12 +85,12 @@ def _consolidate_head(path: Path) -> None:
     """Add the head's nodes to the root's consolidated metadata (written at finalize, before the head), so
     tools that open the store through it (xarray) see the head too."""
     root_file = path / "zarr.json"
-    root = json.loads(root_file.read_text())
+    root = read_json(root_file, path)
     if not isinstance(root.get("consolidated_metadata"), dict):
         return  # an unconsolidated store: readers list the nodes themselves
     nodes = dict.fromkeys([*root["consolidated_metadata"]["metadata"], "head", "head/weight", "head/bias"])
     root["consolidated_metadata"] = consolidated_metadata(path, nodes)
-    atomic_write(root_file, json.dumps(root, indent=2).encode())
+    write_store_file(root_file, json.dumps(root, indent=2).encode())
 
 
 def read_head(path: str | Path) -> ClassifierHead | None:

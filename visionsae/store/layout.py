@@ -18,9 +18,6 @@ import numpy as np
 FORMAT = "visionsae-activations"
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
-TOKENS = ("cls", "patches", "mean", "all")
-LAYER_KINDS = ("residual", "embedding", "stage")
-TOKEN_KINDS = ("cls", "mean", "patches", "all", "embedding", "spatial")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -59,6 +56,10 @@ class StoreSpec:
     @property
     def n_shards(self) -> int:
         return -(-self.n_images // self.images_per_shard)
+
+    def shard_slots(self, shard: int) -> tuple[int, int]:
+        start = shard * self.images_per_shard
+        return start, min(start + self.images_per_shard, self.n_images)
 
     def root_attrs(self) -> dict[str, Any]:
         return {
@@ -192,38 +193,17 @@ def weights_fingerprint(state_dict: Mapping[str, Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write under a temporary name, fsync, rename: a crash leaves either nothing or the whole file."""
-    from visionsae import faults
+def write_store_file(path: Path, data: bytes | memoryview) -> None:
+    """``visionsae.atomic.atomic_write`` with the store's one-line errors (a full disk says to resume)."""
+    from visionsae.atomic import atomic_write
     from visionsae.errors import StoreError
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            faults.fsync(f.fileno(), tmp)
-        faults.replace(tmp, path)
+        atomic_write(path, data)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if err.errno == 28:  # ENOSPC
             raise StoreError(f"the disk is full while writing {path}: free space, then rerun with --resume "
                              "(shards already marked complete are kept)") from None
         raise StoreError(f"cannot write {path}: {err.strerror or err}; check the --out location") from None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def free_bytes(path: Path) -> int:

@@ -1,5 +1,8 @@
 """Reading an activation store (Zarr or HDF5) through one API; activations are memory-mapped.
 
+What is format-neutral lives here (what a complete store is, the manifest's checks, checksums, row
+geometry); ``store.zarr`` and ``store.hdf5`` read the bytes behind the interface of ``store.backend``.
+
 ``open_store(path)`` checks that the path is a complete store of a known format version and
 returns a ``Store``. Shards are read straight from their chunk files with ``np.memmap`` (no
 decoding) unless the store was written in compressed archive mode, where zarr decodes them.
@@ -22,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from visionsae.errors import StoreError
-from visionsae.store.hdf5_backend import H5Source
-from visionsae.store.zarr_source import ZarrSource
-from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, crc32_of, shard_record_name,
-                                    layer_fingerprint, store_fingerprint,
-                                    to_float32)
+from visionsae.store import hdf5, zarr
+from visionsae.store.backend import ChunkReader
+from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, crc32_of, layer_fingerprint,
+                                    shard_record_name, store_fingerprint, to_float32)
 
 MAX_OPEN_MAPS = 32  # shard memory maps kept open (one file descriptor each)
 IMAGE_ARRAYS = ("index", "label", "valid")
@@ -52,20 +54,20 @@ def open_store(path: str | Path) -> "Store":
     if not path.exists():
         raise StoreError(f"no activation store at {path}: create one with `sae-extract --out {path}`")
     if path.is_dir():
-        source: Any = ZarrSource(path)
+        source: ChunkReader = zarr.open_reader(path)
     else:
         with open(path, "rb") as f:
             head = f.read(8)
         if head != HDF5_SIGNATURE:
             raise StoreError(f"{path} is not an activation store (neither a Zarr directory nor an HDF5 file)")
-        source = _H5Reader(path)
+        source = hdf5.open_reader(path)
     return Store(path, source)
 
 
 class Store:
-    def __init__(self, path: Path, source: Any):
+    def __init__(self, path: Path, source: ChunkReader):
         self.path, self._src = path, source
-        self.format = "hdf5" if isinstance(source, H5Source) else "zarr"
+        self.format = source.format
         attrs = source.root_attrs()
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise StoreError(f"{path} is not a visionsae activation store (no '{FORMAT}' attributes)")
@@ -79,7 +81,7 @@ class Store:
         self.attrs = attrs
         self.n_images = int(attrs["n_images"])
         self.images_per_shard = int(attrs["images_per_shard"])
-        self.n_shards = int(attrs["n_shards"])
+        self.n_shards = _derived_counts(path, attrs)
         self.dtype = attrs["dtype"]
         self.layer_names: list[str] = list(attrs["layers"])
         self._layers = {name: self._load_layer(name) for name in self.layer_names}
@@ -111,15 +113,15 @@ class Store:
 
     @cached_property
     def image_index(self) -> np.ndarray:
-        return self._src.small_array("images/index", self.n_shards).astype(np.int64)
+        return self._src.small_array("images/index").astype(np.int64)
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self._src.small_array("images/label", self.n_shards).astype(np.int64)
+        return self._src.small_array("images/label").astype(np.int64)
 
     @cached_property
     def valid(self) -> np.ndarray:
-        return self._src.small_array("images/valid", self.n_shards).astype(bool)
+        return self._src.small_array("images/valid").astype(bool)
 
     def layer(self, name: str | None = None) -> LayerInfo:
         if name is None:
@@ -162,7 +164,7 @@ class Store:
     def _load_layer(self, name: str) -> LayerInfo:
         a = self._src.layer_attrs(name)
         try:
-            mean = self._src.small_array(f"layers/{name}/mean", 1).astype(np.float64)
+            mean = self._src.small_array(f"layers/{name}/mean").astype(np.float64)
             return LayerInfo(name=a["name"], source=a["source"], kind=a["kind"], d=int(a["d"]),
                              tokens_per_image=int(a["tokens_per_image"]), token_kind=a["token_kind"],
                              dtype=a["dtype"], count=int(a["count"]), mean=mean,
@@ -250,14 +252,21 @@ class Store:
     @cached_property
     def _records(self) -> dict[int, dict[str, Any]]:
         """The manifest, parsed once."""
-        if isinstance(self._src, ZarrSource):
-            return self._src.records(self.n_shards)
-        return self._src.records()
+        return self._src.records(self.n_shards)
 
     def chunk_keys(self, shard: int, layers: list[str] | None = None) -> list[str]:
         """The chunk keys a complete record of ``shard`` lists: the image arrays and each layer's acts."""
+        return [key for key, _, _ in self._chunk_spans(shard, layers)]
+
+    def _chunk_spans(self, shard: int, layers: list[str] | None = None) -> list[tuple[str, int, int]]:
+        """(chunk key, first and end element of the shard in that array) of each chunk of ``shard``."""
         names = self.layer_names if layers is None else layers
-        return [self._src.image_key(n, shard) for n in IMAGE_ARRAYS] + [self._src.acts_key(n, shard) for n in names]
+        a, b = self.shard_slots(shard)
+        spans = [(self._src.image_key(n, shard), a, b) for n in IMAGE_ARRAYS]
+        for n in names:
+            T = (self._layers.get(n) or self.layer(n)).tokens_per_image  # no statistics check: only geometry
+            spans.append((self._src.acts_key(n, shard), a * T, b * T))
+        return spans
 
     def record(self, shard: int) -> dict[str, Any]:
         """Shard ``shard``'s manifest record, which must list every chunk of the shard."""
@@ -285,10 +294,10 @@ class Store:
         """Check the checksum of every chunk of ``shard`` (or of its image arrays and ``layers`` only).
         Each chunk is checked once per Store: a later call costs a set lookup."""
         chunks = self.record(shard)["chunks"]
-        for key in self.chunk_keys(shard, layers):
+        for key, start, stop in self._chunk_spans(shard, layers):
             if (shard, key) in self._verified:
                 continue
-            data = self._src.chunk_bytes_for(key, self._records[shard], self)
+            data = self._src.chunk_bytes(key, start, stop)
             if data is None:
                 raise StoreError(f"{self.path} is missing the chunk file {key} of shard {shard}: re-extract that "
                                  f"shard (delete manifest record {shard_record_name(shard)} and rerun sae-extract "
@@ -312,20 +321,18 @@ class Store:
         return read_head(self.path)
 
 
-class _H5Reader(H5Source):
-    """The HDF5 source with the keys and whole-shard reads the reader needs (cache_layout.md section 3)."""
-
-    def small_array(self, name: str, n_chunks: int | None = None) -> np.ndarray:
-        return super().small_array(name)
-
-    @staticmethod
-    def image_key(name: str, shard: int) -> str:
-        return f"/images/{name}"
-
-    @staticmethod
-    def acts_key(layer: str, shard: int) -> str:
-        return f"/layers/{layer}/acts"
-
-    def read_acts_into(self, info: LayerInfo, shard: int, a: int, b: int, ips: int, out: np.ndarray):
-        out[: b - a] = self.shard_acts(info, shard, a, b, ips)
-        return memoryview(out[: b - a]).cast("B")
+def _derived_counts(path: Path, attrs: dict[str, Any]) -> int:
+    """The number of shards, derived from n_images and images_per_shard; the stored copies of what is
+    derivable (``n_shards``, ``dataset.n_images``) must agree, or the store was edited or damaged."""
+    n_images, ips = int(attrs["n_images"]), int(attrs["images_per_shard"])
+    if n_images <= 0 or ips <= 0:
+        raise StoreError(f"{path} has n_images {n_images} and images_per_shard {ips}: both must be positive; "
+                         "the store metadata is damaged, re-extract it")
+    n_shards = -(-n_images // ips)
+    stored = {"n_shards": (attrs.get("n_shards"), n_shards),
+              "dataset.n_images": ((attrs.get("dataset") or {}).get("n_images"), n_images)}
+    for key, (have, want) in stored.items():
+        if have != want:
+            raise StoreError(f"{path} records {key} = {have!r} but its n_images and images_per_shard give {want}: "
+                             "the store metadata was edited or damaged; re-extract it")
+    return n_shards

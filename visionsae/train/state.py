@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from visionsae import faults
+from visionsae.atomic import atomic_write
 from visionsae.errors import CheckpointError, UserError
 from visionsae.locks import OutputLock
 from visionsae.sae.checkpoint import atomic_torch_save, verify_checksum, with_checksum
@@ -106,13 +106,9 @@ def clear_out_dir(out: Path, names: list[str]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        faults.replace(tmp, path)
+        atomic_write(path, text.encode(), hidden=True)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, err) from None
 
 

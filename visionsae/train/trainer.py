@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from visionsae.errors import UserError
 from visionsae.sae.base import SAEConfig
 from visionsae.sae.checkpoint import save_checkpoint
+from visionsae.device import resolve_device
 from visionsae.sae.registry import build_sae, resolve_config
 from visionsae.store import Store, open_store
 from visionsae.train import distributed
@@ -56,19 +57,6 @@ def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     if decay > 0 and step >= total - decay:
         f *= (total - step) / decay
     return f
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    elif name != "cpu":
-        raise UserError(f"unknown --device '{name}': use auto, cuda, cuda:N or cpu")
-    return torch.device(name)
 
 
 def _device_memory(device: torch.device) -> tuple[int, str]:

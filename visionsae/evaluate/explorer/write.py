@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from visionsae.evaluate.explorer import compute
-from visionsae.evaluate.inputs import resolve_device
+from visionsae.device import resolve_device
 from visionsae.evaluate.latent_stats import BINS_PER_OCTAVE, LOW_OCTAVE
 from visionsae.evaluate.thumbs import ThumbnailSource
 from visionsae.sae import load_checkpoint

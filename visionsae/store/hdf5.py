@@ -1,4 +1,4 @@
-"""The HDF5 form of the store (cache_layout.md section 3): same paths, contiguous datasets.
+"""The HDF5 form of the store (cache_layout.md section 3), both sides: same paths, contiguous datasets.
 
 Single-process: h5py holds the file open for the whole run. The file is laid out under a temporary
 name and renamed into place, so a path that exists is a whole skeleton. Every dataset is allocated
@@ -19,18 +19,23 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from visionsae import faults
 from visionsae.errors import StoreError
-from visionsae.store.layout import (StoreSpec, crc32_of, free_bytes, mib, shard_record_name, storage_dtype)
+from visionsae.store.layout import (HDF5_SIGNATURE, StoreSpec, crc32_of, free_bytes, mib, shard_record_name,
+                                    storage_dtype)
 
+FORMAT = "hdf5"
 H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError)  # what h5py raises when HDF5 fails (disk full: RuntimeError)
 
 
-def is_visionsae_h5(path: Path) -> bool:
+def is_store(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.read(8) != HDF5_SIGNATURE:
+            return False
     import h5py
     try:
         with h5py.File(path, "r") as f:
@@ -75,84 +80,85 @@ def _op(kind: str, target: str, fn, *args):
     return faults.operation(kind, target, fn, *args)
 
 
-class H5WriterMixin:
-    """Backend methods; ``writer.H5Writer`` combines them with StoreWriter (no import cycle)."""
+def create(path: Path, spec: StoreSpec) -> "H5ChunkWriter":
+    import h5py
+    if spec.compressed:
+        raise StoreError("compressed mode is for Zarr stores; HDF5 stores stay contiguous (memory-mappable)")
+    need = spec.shard_nbytes() * spec.n_shards + spec.n_shards * _record_bytes(spec) + (1 << 20)
+    if free_bytes(path.parent) < need:
+        raise StoreError(f"the HDF5 store needs about {mib(need)} (rows and manifest) but {path.parent} has "
+                         f"{mib(free_bytes(path.parent))} free: free space or choose another --out")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    dcpl_args = dict(track_times=False, fill_time="never")
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs["visionsae"] = json.dumps(spec.root_attrs())
+            for name, dtype in (("index", "<i8"), ("label", "<i8"), ("valid", "u1")):
+                f.create_dataset(f"images/{name}", shape=(spec.n_images,), dtype=dtype, dcpl=_early(), **dcpl_args)
+            for layer in spec.layers:
+                g = f.create_group(f"layers/{layer.name}", track_order=True)
+                g.attrs["visionsae"] = json.dumps(layer.attrs(spec.dtype))
+                g.create_dataset("acts", shape=(spec.n_images * layer.tokens_per_image, layer.d),
+                                 dtype=storage_dtype(spec.dtype), dcpl=_early(), **dcpl_args)
+                g.create_dataset("mean", shape=(layer.d,), dtype="<f8", dcpl=_early(), **dcpl_args)
+            f.create_group("manifest", track_order=True)
+        _reserve(tmp)
+        _fsync(tmp)
+        faults.replace(tmp, path)
+    except H5_ERRORS as err:
+        tmp.unlink(missing_ok=True)
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            size = spec.shard_nbytes() * spec.n_shards
+            raise StoreError(f"the HDF5 store needs about {mib(size)} but {path.parent} has "
+                             f"{mib(free_bytes(path.parent))} free: free space or choose another --out") from None
+        raise StoreError(f"cannot create the HDF5 store {path}: {_first_line(err)}") from None
+    return reopen(path, spec, lambda attrs: None)
 
-    _reserved = False
 
-    @classmethod
-    def _new(cls, path: Path, spec: StoreSpec):
-        import h5py
-        if spec.compressed:
-            raise StoreError("compressed mode is for Zarr stores; HDF5 stores stay contiguous (memory-mappable)")
-        need = spec.shard_nbytes() * spec.n_shards + spec.n_shards * _record_bytes(spec) + (1 << 20)
-        if free_bytes(path.parent) < need:
-            raise StoreError(f"the HDF5 store needs about {mib(need)} (rows and manifest) but {path.parent} has "
-                             f"{mib(free_bytes(path.parent))} free: free space or choose another --out")
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        dcpl_args = dict(track_times=False, fill_time="never")
-        try:
-            with h5py.File(tmp, "w", track_order=True) as f:
-                f.attrs["visionsae"] = json.dumps(spec.root_attrs())
-                for name, dtype in (("index", "<i8"), ("label", "<i8"), ("valid", "u1")):
-                    f.create_dataset(f"images/{name}", shape=(spec.n_images,), dtype=dtype, dcpl=_early(), **dcpl_args)
-                for layer in spec.layers:
-                    g = f.create_group(f"layers/{layer.name}", track_order=True)
-                    g.attrs["visionsae"] = json.dumps(layer.attrs(spec.dtype))
-                    g.create_dataset("acts", shape=(spec.n_images * layer.tokens_per_image, layer.d),
-                                     dtype=storage_dtype(spec.dtype), dcpl=_early(), **dcpl_args)
-                    g.create_dataset("mean", shape=(layer.d,), dtype="<f8", dcpl=_early(), **dcpl_args)
-                f.create_group("manifest", track_order=True)
-            _reserve(tmp)
-            _fsync(tmp)
-            faults.replace(tmp, path)
-        except H5_ERRORS as err:
-            tmp.unlink(missing_ok=True)
-            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
-                size = spec.shard_nbytes() * spec.n_shards
-                raise StoreError(f"the HDF5 store needs about {mib(size)} but {path.parent} has "
-                                 f"{mib(free_bytes(path.parent))} free: free space or choose another --out") from None
-            raise StoreError(f"cannot create the HDF5 store {path}: {_first_line(err)}") from None
-        return cls._reopen(path, spec)
+def reopen(path: Path, spec: StoreSpec, check_attrs: Callable[[dict[str, Any]], None]) -> "H5ChunkWriter":
+    import h5py
+    try:
+        f = h5py.File(path, "r+")
+    except H5_ERRORS as err:
+        raise StoreError(f"{path} is not a readable HDF5 store ({_first_line(err)}): pass --overwrite to "
+                         "replace it") from None
+    if "visionsae" not in f.attrs or "manifest" not in f:
+        f.close()
+        raise StoreError(f"{path} is not a visionsae activation store: refusing to write into it")
+    writer = H5ChunkWriter(path, spec, f)
+    try:
+        check_attrs(json.loads(f.attrs["visionsae"]))
+        # early-allocated datasets (every file this writer creates): reserve their blocks again, in case the
+        # file was copied (copies are sparse)
+        if all(f[f"layers/{la.name}/acts"].id.get_offset() is not None for la in spec.layers):
+            writer._reserved = _reserve(path)
+    except OSError:
+        writer._reserved = False
+    except BaseException:
+        f.close()
+        raise
+    return writer
 
-    @classmethod
-    def _reopen(cls, path: Path, spec: StoreSpec):
-        import h5py
-        try:
-            f = h5py.File(path, "r+")
-        except H5_ERRORS as err:
-            raise StoreError(f"{path} is not a readable HDF5 store ({_first_line(err)}): pass --overwrite to "
-                             "replace it") from None
-        if "visionsae" not in f.attrs or "manifest" not in f:
-            f.close()
-            raise StoreError(f"{path} is not a visionsae activation store: refusing to write into it")
-        writer = cls(path, spec)
-        writer._file = f
-        try:
-            writer._check_resume_attrs(json.loads(f.attrs["visionsae"]))
-            # early-allocated datasets (every file this writer creates): reserve their blocks again, in case the
-            # file was copied (copies are sparse)
-            if all(f[f"layers/{la.name}/acts"].id.get_offset() is not None for la in spec.layers):
-                writer._reserved = _reserve(path)
-        except OSError:
-            writer._reserved = False
-        except BaseException:
-            f.close()
-            raise
-        return writer
+
+class H5ChunkWriter:
+    """Writes one HDF5 store; h5py holds the file open for the whole run."""
+
+    def __init__(self, path: Path, spec: StoreSpec, file):
+        self.path, self.spec, self._file = path, spec, file
+        self._reserved = False
+
+    def check_layout(self) -> None:
+        pass  # the skeleton is renamed into place whole, and h5py opened it
 
     def _room(self, what: str, extra: int = 0) -> None:
         """Refuse before touching the file when the disk may not hold the next change: HDF5 metadata
         written on a full disk can leave a file h5py no longer opens."""
-        need = extra + 4 * self._record_bytes() + (1 << 20)
+        need = extra + 4 * _record_bytes(self.spec) + (1 << 20)
         free = free_bytes(self.path)
         if free < need:
             raise StoreError(f"the disk is full ({mib(free)} free at {self.path.parent}; {what} needs at least "
                              f"{mib(need)}): free space, then rerun with --resume (shards already marked "
                              "complete are kept)")
-
-    def _record_bytes(self) -> int:
-        return _record_bytes(self.spec)
 
     def _failed(self, what: str, err: BaseException) -> StoreError:
         text = _first_line(err)
@@ -161,9 +167,9 @@ class H5WriterMixin:
             text, hint = "the disk is full", "free space, then rerun with --resume (shards already marked complete are kept)"
         return StoreError(f"{what} in {self.path} failed ({text}): {hint}")
 
-    def _write_chunks(self, shard, index, label, valid_u8, stored):
+    def write_chunks(self, shard, index, label, valid_u8, stored):
         f = self._file
-        start, stop = self.shard_slots(shard)
+        start, stop = self.spec.shard_slots(shard)
         chunks = {}
         arrays = {"/images/index": (index, start, stop), "/images/label": (label, start, stop),
                   "/images/valid": (valid_u8, start, stop)}
@@ -181,7 +187,7 @@ class H5WriterMixin:
             raise self._failed(f"writing shard {shard}", err) from None
         return chunks
 
-    def _write_record(self, shard, record):
+    def write_record(self, shard, record):
         self._room(f"the record of shard {shard}")
         try:
             _op("h5attr", f"manifest/{shard_record_name(shard)}", self._file["manifest"].attrs.__setitem__,
@@ -191,19 +197,10 @@ class H5WriterMixin:
         except H5_ERRORS as err:
             raise self._failed(f"writing the record of shard {shard}", err) from None
 
-    def _records(self):
-        out = {}
-        attrs = self._file["manifest"].attrs
-        for s in range(self.n_shards):
-            name = shard_record_name(s)
-            if name in attrs:
-                try:
-                    out[s] = json.loads(attrs[name])
-                except ValueError:
-                    continue  # a damaged record counts as not written: the shard is redone on resume
-        return out
+    def records(self):
+        return _read_records(self._file, self.spec.n_shards)
 
-    def _write_final(self, layer_attrs, means, n_skipped):
+    def write_final(self, layer_attrs, means, n_skipped):
         f = self._file
         self._room("finishing the store")
         try:
@@ -227,14 +224,27 @@ class H5WriterMixin:
             raise self._failed("finishing the store", err) from None
 
     def close(self):
-        f = getattr(self, "_file", None)
         try:
-            if f is not None and f.id.valid:
-                f.close()
+            if self._file.id.valid:
+                self._file.close()
         except H5_ERRORS:
             pass  # only after a failure already reported: everything that counts was flushed before
-        finally:
-            super().close()
+
+
+def _read_records(f, n_shards: int | None) -> dict[int, dict[str, Any]]:
+    """Every parseable record of the manifest's attributes (of shards 0..n_shards-1 when given); a damaged
+    record counts as not written: the shard is redone on resume."""
+    out = {}
+    attrs = f["manifest"].attrs if "manifest" in f else {}
+    for name, value in attrs.items():
+        s = name.split("-")[-1]
+        if not (name.startswith("shard-") and s.isdigit()) or (n_shards is not None and int(s) >= n_shards):
+            continue
+        try:
+            out[int(s)] = json.loads(value)
+        except ValueError:
+            continue
+    return out
 
 
 def _record_bytes(spec: StoreSpec) -> int:
@@ -256,8 +266,10 @@ def _first_line(err: BaseException) -> str:
 
 
 # --- reading -------------------------------------------------------------------------------------
-class H5Source:
+class H5Reader:
     """Read access for the reader: attributes, small arrays, and memory maps of ``acts``."""
+
+    format = FORMAT
 
     def __init__(self, path: Path):
         import h5py
@@ -282,11 +294,18 @@ class H5Source:
     def small_array(self, name: str) -> np.ndarray:
         return self.file[name][()]
 
-    def records(self) -> dict[int, dict[str, Any]]:
-        attrs = self.file["manifest"].attrs if "manifest" in self.file else {}
-        return {int(k.split("-")[1]): json.loads(v) for k, v in attrs.items()}
+    def records(self, n_shards: int | None = None) -> dict[int, dict[str, Any]]:
+        return _read_records(self.file, n_shards)
 
-    def acts(self, layer: str, dtype: np.dtype) -> np.ndarray:
+    @staticmethod
+    def image_key(name: str, shard: int) -> str:
+        return f"/images/{name}"
+
+    @staticmethod
+    def acts_key(layer: str, shard: int) -> str:
+        return f"/layers/{layer}/acts"
+
+    def _acts_array(self, layer: str, dtype: np.dtype) -> np.ndarray:
         dset = self.file[f"layers/{layer}/acts"]
         offset = dset.id.get_offset()
         if offset is None or dset.chunks is not None or dset.compression:
@@ -294,15 +313,19 @@ class H5Source:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=dset.shape)
 
     def shard_acts(self, info, shard: int, a: int, b: int, ips: int) -> np.ndarray:
+        # one dataset holds every shard: rows a..b are the shard's, whatever its number and size
         if info.name not in self._acts:
-            self._acts[info.name] = self.acts(info.name, storage_dtype(info.dtype))
+            self._acts[info.name] = self._acts_array(info.name, storage_dtype(info.dtype))
         arr = self._acts[info.name]
         return arr[a:b] if isinstance(arr, np.memmap) else np.asarray(arr[a:b])
 
-    def chunk_bytes_for(self, key: str, record: dict[str, Any], store) -> memoryview:
-        """The bytes a manifest checksum covers: the shard's rows of dataset ``key``."""
-        start, stop = record["slots"]
-        if key.startswith("/layers/"):
-            T = store.layer(key.split("/")[2]).tokens_per_image
-            start, stop = start * T, stop * T
+    def read_acts_into(self, info, shard: int, a: int, b: int, ips: int, out: np.ndarray):
+        out[: b - a] = self.shard_acts(info, shard, a, b, ips)
+        return memoryview(out[: b - a]).cast("B")
+
+    def chunk_bytes(self, key: str, start: int, stop: int) -> memoryview:
+        """The bytes a manifest checksum covers: elements start..stop (the shard's) of dataset ``key``."""
         return memoryview(np.ascontiguousarray(self.file[key][start:stop])).cast("B")
+
+
+open_reader = H5Reader  # the Backend entry point of the read side
