@@ -236,6 +236,9 @@ def test_explorer_in_chromium(explorer_run, tmp_path):
         _wait(driver, "return document.querySelectorAll('#rows .row').length > 0")
         n_live = int((res.checkpoints[0].tables.firing_rate_N > 0).sum())
         assert driver.execute_script("return document.querySelector('#count').textContent") == f"{N_LAT} of {N_LAT} latents"
+        # every MS figure names the encoder of its image embeddings (here the evaluated layer itself)
+        encoder = res.groups[0].summary["ms_encoder"]
+        assert f"(e_n: {encoder})" in driver.execute_script("return document.querySelector('#cksum').textContent")
         # sort by max activation (descending), then ascending: the first row follows the table
         driver.find_element("css selector", "#thead span[data-k='max']").click()
         first = int(driver.execute_script("return document.querySelector('#rows .row').dataset.l"))

@@ -223,6 +223,7 @@ def markdown(doc: dict, figures: dict[str, str]) -> str:
         parts += ["## Notes", ""] + notes + [""]
     if figures:
         parts += ["## Figures", ""] + [f"![{k}]({name})" for k, name in figures.items()] + [""]
-    parts += ["Latents with their top-activating images: [index.html](index.html). Every number: report.json.", ""]
+    parts += ["Every latent, browsable (top and quantile images, histograms, heatmaps, class effects): the latent "
+              "explorer, [index.html](index.html). Every number: report.json.", ""]
     return "\n".join(parts)
 

@@ -122,7 +122,8 @@ def write_explorer(result, out: Path, figures: dict[str, str]) -> Path:
             "head_classes": head.classes if head is not None else None,
             "tokens": info.tokens_per_image, "token_kind": info.token_kind, "grid": grid,
             "thumbs": thumbs.sources[gi].unavailable, "thumb_size": cfg.thumb_size,
-            "held_out": g.summary.get("held_out_images")})
+            "held_out": g.summary.get("held_out_images"),
+            "ms_encoder": g.summary.get("ms_encoder")})
     models, dirs = {}, {}
     for i, ck in enumerate(result.checkpoints):
         models[i], _ = load_checkpoint(ck.path, device)

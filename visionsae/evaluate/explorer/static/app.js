@@ -132,7 +132,7 @@
   function cols() { const t = S.tables[S.ck]; return COLS.filter(c => c[0] !== "up" || t.up); }
   function setupTable() {
     const ck = S.ck, c = S.meta.checkpoints[ck], t = S.tables[ck], g = group(ck);
-    $("#cksum").textContent = `${g.backbone} · layer ${g.layer} · ${g.held_out} held-out images · FVU ${fmt(c.fvu)} · L0 ${fmt(c.l0)} · ${c.dead} dead · MS ${fmt(c.ms)}`;
+    $("#cksum").textContent = `${g.backbone} · layer ${g.layer} · ${g.held_out} held-out images · FVU ${fmt(c.fvu)} · L0 ${fmt(c.l0)} · ${c.dead} dead · MS ${fmt(c.ms)} (e_n: ${g.ms_encoder || "?"})`;
     const sel = $("#cls");
     sel.innerHTML = `<option value="">all classes</option>` + g.classes.map((n, i) => `<option value="${i}">${esc(n)}</option>`).join("");
     const cs = cols();
@@ -229,7 +229,7 @@
     const dead = !(t.rate[lat] > 0);
     const stat = (k, val) => `<span class="chip"><b>${esc(k)}</b> ${val}</span>`;
     let h = `<h2>Latent ${lat} <small>${esc(c.name)}</small>${dead ? ' <span class="badge">dead on the held-out images</span>' : ""}</h2>
-      <div class="chips">${stat("rate", fmtSci(t.rate[lat]))}${stat("images", fmtPct(t.img[lat]))}${stat("max", fmt(t.max[lat]))}${stat("mean", fmt(t.mean[lat]))}${stat("MS", fmt(t.ms[lat]))}${stat("purity", fmt(t.pur[lat]) + " top / " + fmt(t.pall[lat]) + " all")}${stat("top class", esc(className(ck, t.cls[lat])))}</div>`;
+      <div class="chips">${stat("rate", fmtSci(t.rate[lat]))}${stat("images", fmtPct(t.img[lat]))}${stat("max", fmt(t.max[lat]))}${stat("mean", fmt(t.mean[lat]))}${stat("MS (e_n: " + (group(ck).ms_encoder || "?") + ")", fmt(t.ms[lat]))}${stat("purity", fmt(t.pur[lat]) + " top / " + fmt(t.pall[lat]) + " all")}${stat("top class", esc(className(ck, t.cls[lat])))}</div>`;
     h += `<div class="panels">`;
     h += `<div class="panel"><h3>Activation histogram</h3><canvas class="hist" width="320" height="140"></canvas><p class="note">${rec.hist.length ? "every held-out image it fires on, in ⅛-octave bins" : "no firing image"}</p></div>`;
     h += `<div class="panel"><h3>Classes of its firing images</h3>${classBars(ck, rec)}</div>`;
