@@ -100,9 +100,9 @@ def _scale_and_variance(store: Store, layer: str) -> tuple[float, float]:
 
 
 def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int, variance: float) -> SAEConfig:
-    # Every variant setting is resolved here and saved in the checkpoint (issue 13); None = the default.
-    return resolve_config(spec.arch, d, n, spec.k, variance_fraction=variance / d, l1_coeff=cfg.l1_coeff,
-                          alpha=cfg.softk_alpha, k_weight=cfg.softk_weight)
+    # Every variant setting is resolved here and saved in the checkpoint (issue 13); each variant reads the
+    # flags it declares (its Settings.flags), None = the default.
+    return resolve_config(spec.arch, d, n, spec.k, variance_fraction=variance / d, flags=cfg.to_dict())
 
 
 class Trainer:
