@@ -85,6 +85,30 @@ class VariantSettings:
         return dataclasses.asdict(self)
 
 
+def latent_counts(idx_BK: torch.Tensor, n: int, mask_BK: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [n]: how many entries of idx_BK name each latent, counting only where mask_BK (all when None).
+
+    With mask_BK = acts_BK > 0 it is the number of rows each latent fires on, the one firing count that
+    training (dead latents), validation and sae-eval use. A count per unit instead of indexing with the
+    mask: no host synchronisation."""
+    hits_BK = torch.ones_like(idx_BK) if mask_BK is None else mask_BK.to(torch.int64)
+    counts_N = torch.zeros(n, dtype=torch.int64, device=idx_BK.device)
+    if idx_BK.ndim == 2 and idx_BK.stride(0) == 0:  # one index row for the whole batch (a dense code)
+        return counts_N.index_add_(0, idx_BK[0], hits_BK.sum(0))
+    return counts_N.index_add_(0, idx_BK.reshape(-1), hits_BK.reshape(-1))
+
+
+def support_BN(idx_BK: torch.Tensor, n: int, mask_BK: torch.Tensor | None = None) -> torch.Tensor:
+    """The code's support S as a dense bool B x n mask: the entries of idx_BK (only where mask_BK)."""
+    src_BK = torch.ones_like(idx_BK, dtype=torch.bool) if mask_BK is None else mask_BK.to(torch.bool)
+    return torch.zeros(idx_BK.shape[0], n, dtype=torch.bool, device=idx_BK.device).scatter_(1, idx_BK, src_BK)
+
+
+def firing_counts(acts_BK: torch.Tensor, idx_BK: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [n]: rows of the code (acts_BK, idx_BK) on which each latent fires (a zero entry is padding)."""
+    return latent_counts(idx_BK, n, acts_BK > 0)
+
+
 class SAEOutput(NamedTuple):
     x_hat_BD: torch.Tensor  # reconstruction
     z_BN: torch.Tensor  # encoder output entering the sparsifier (before Top-k / ReLU gating)
