@@ -76,8 +76,9 @@ def _click_option(field: dataclasses.Field, hint: Any) -> Callable:
     kw: dict[str, Any] = {"help": help_text or None}
     if kind is bool:
         if default:  # a default-True switch: the off flag names it
-            return click.option(meta["off"], field.name, flag_value=False, default=True, help=help_text or None)
-        return click.option(flag, field.name, is_flag=True, default=False, help=help_text or None)
+            return click.option(meta["off"], field.name, flag_value=False, default=True, show_default=False,
+                                help=help_text or None)
+        return click.option(flag, field.name, is_flag=True, default=False, show_default=False, help=help_text or None)
     if "cli_type" in meta or "parse" in meta:
         kw["type"] = meta.get("cli_type", str)
         kw["default"] = None if default is None else _shown(default)
