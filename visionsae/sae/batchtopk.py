@@ -19,12 +19,11 @@ per-rank candidates, so two ranks select what one process would.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
 import torch
 
-from visionsae.sae.base import SAEConfig, SAEOutput, VariantSettings
+from visionsae.sae.base import SAEConfig, SAEOutput
 from visionsae.sae.dictionary import DictionarySAE
 from visionsae.sae.registry import register
 
@@ -55,15 +54,9 @@ def _global_cutoff(a_BN: torch.Tensor, k: int) -> torch.Tensor:
     return cand.topk(min(n_keep, cand.numel()), sorted=False).values.min()
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchTopKSettings(VariantSettings):
-    """None: k (SAEConfig.k) is the whole rule; the inference threshold is a fitted buffer, not a setting."""
-
-
 @register
 class BatchTopKSAE(DictionarySAE):
     arch = "batchtopk"
-    Settings = BatchTopKSettings
     needs_calibration: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):

@@ -7,24 +7,17 @@ latents of act * W_dec row + b_dec. Decoder rows are unit-norm. The training loo
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
-from visionsae.sae.base import SAEOutput, VariantSettings
+from visionsae.sae.base import SAEOutput
 from visionsae.sae.dictionary import DictionarySAE, encode_topk
 from visionsae.sae.registry import register
-
-
-@dataclasses.dataclass(frozen=True)
-class TopKSettings(VariantSettings):
-    """None: k (SAEConfig.k) is the whole rule."""
 
 
 @register
 class TopKSAE(DictionarySAE):
     arch = "topk"
-    Settings = TopKSettings
 
     def sparsify(self, z_BN: torch.Tensor, x_BD: torch.Tensor, k: int | None = None):
         k = self._check_k(self.cfg.k if k is None else k)

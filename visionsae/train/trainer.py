@@ -289,18 +289,14 @@ class Trainer:
         final = self._final_metrics(last)
         self.save(final)
         paths = [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
-        if main and cfg.export_saelens:
+        exports = [(export_saelens, "saelens", "SAELens")] * cfg.export_saelens + \
+            [(export_sparsify, "sparsify", "sparsify")] * cfg.export_sparsify
+        for export, sub, what in exports if main else ():
             for p in paths:
                 try:
-                    export_saelens(p, p.parent / "saelens")
-                except UserError as err:
-                    print(f"note: no SAELens export for {p.parent.name}: {err}")
-        if main and cfg.export_sparsify:
-            for p in paths:
-                try:
-                    export_sparsify(p, p.parent / "sparsify")
-                except UserError as err:
-                    print(f"note: no sparsify export for {p.parent.name}: {err}")
+                    export(p, p.parent / sub)
+                except UserError as err:  # the variant's one-line refusal
+                    print(f"note: no {what} export for {p.parent.name}: {err}")
         return paths
 
     def _log_all(self, t0: float) -> dict[str, dict[str, float]]:
