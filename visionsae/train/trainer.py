@@ -289,9 +289,9 @@ class Trainer:
         final = self._final_metrics(last)
         self.save(final)
         paths = [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
-        exports = [(export_saelens, "saelens", "SAELens")] * cfg.export_saelens + \
-            [(export_sparsify, "sparsify", "sparsify")] * cfg.export_sparsify
-        for export, sub, what in exports if main else ():
+        asked = ((cfg.export_saelens, export_saelens, "saelens", "SAELens"),
+                 (cfg.export_sparsify, export_sparsify, "sparsify", "sparsify"))
+        for export, sub, what in [(f, sub, what) for on, f, sub, what in asked if on and main]:
             for p in paths:
                 try:
                     export(p, p.parent / sub)
