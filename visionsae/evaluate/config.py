@@ -1,9 +1,10 @@
-"""What one ``sae-eval`` run does: a dataclass that is also the CLI's flag set."""
+"""What one ``sae-eval`` run does: a dataclass that is also the CLI's flag set (cli_options)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from visionsae.cli_options import option
 from visionsae.errors import UserError
 
 DEFAULT_OUT = "eval-report"
@@ -11,23 +12,37 @@ DEFAULT_OUT = "eval-report"
 
 @dataclasses.dataclass
 class EvalConfig:
-    checkpoints: list[str]
-    store: str | None = None  # None: the store each checkpoint records (meta["store"]["path"])
-    k_sweep: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # inference-time k' values
-    ms_embeddings: str | None = None  # a second store (another backbone, same images) for MS
-    ms_embeddings_layer: str | None = None  # its layer; None: the only one, else the 'embedding' layer
-    image_pooling: str = "max"  # token layers: a latent's per-image activation, max over tokens | cls (class token)
-    probe_budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    max_images: int | None = None  # cap on held-out images and on probe-training images
-    probe_train_images: int = 10_000  # probe-training images drawn from the non-held-out slots
-    device: str = "auto"  # auto | cuda | cpu
-    out: str = DEFAULT_OUT
-    batch_rows: int = 4096  # rows per forward pass (whole images)
-    top_images: int = 50  # top-activating images per latent, for purity and the explorer
-    html_images: int = 12  # top images shown on a latent's page in the explorer (index.html)
-    thumb_size: int = 64  # pixels
-    seed: int = 0
-    progress: bool = True
+    checkpoints: list[str] = option(cli=False)  # sae-eval's arguments
+    store: str | None = option(None, help="Activation store to read instead of the one each checkpoint records: "
+                               "the same store moved, or a sibling with the same backbone "
+                               "and layer over other images (e.g. the test split), all of whose images are then "
+                               "evaluated on.")
+    k_sweep: tuple[int, ...] = option((4, 8, 16, 32, 64, 128), help="Inference-time k' values to re-measure "
+                                      "reconstruction at ('' for none).",
+                                      parse=lambda text: parse_int_list(text, "--k-sweep"))
+    ms_embeddings: str | None = option(None, path=True, help="Store of another backbone over the same images, whose "
+                                       "image-level vectors the Monosemanticity Score compares images with (default: "
+                                       "the evaluated layer's own).")
+    ms_embeddings_layer: str | None = option(None, help="Layer of --ms-embeddings to use (default: its only layer, "
+                                             "or its 'embedding' layer).")
+    image_pooling: str = option("max", choices=("max", "cls"), help="Token layers: a latent's per-image activation "
+                                "(MS, purity, top images, probes) is its maximum over the image's tokens, or its "
+                                "activation on the class token (Pach et al.; stores with --tokens all).")
+    probe_budgets: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), help="Latents kept per image for the linear "
+                                            "probes ('' for no probes).",
+                                            parse=lambda text: parse_int_list(text, "--probe-budgets"))
+    max_images: int | None = option(None, help="Use at most N held-out images and N probe-training images (seeded "
+                                    "random subsets). Default: every held-out image.")
+    probe_train_images: int = option(10_000, help="Probe-training images drawn from the images outside the "
+                                     "held-out split.")
+    device: str = option("auto", choices=("auto", "cuda", "cpu"))
+    out: str = option(DEFAULT_OUT, path="dir", help="Report directory (created; report files in it are replaced).")
+    batch_rows: int = option(4096, help="Rows per forward pass (whole images).")
+    top_images: int = option(50, help="Top images per latent for purity and the page.")
+    html_images: int = option(12, cli=False)  # top images shown on a latent's page in the explorer (index.html)
+    thumb_size: int = option(64, cli=False)  # pixels
+    seed: int = option(0)
+    progress: bool = option(True, off="--quiet", help="No progress bars.")
 
     def validate(self) -> None:
         if not self.checkpoints:

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+from visionsae.sae.base import firing_counts, support_BN
+
 # Latents firing on more than this share of rows are "dense" (papers.md section 5).
 DENSE_FRACTION = 0.1
 # The code-mass share whose number of carrying latents is reported ("latents for 90% of the mass").
@@ -149,7 +151,7 @@ class SparsityAccumulator:
         fires_BK = acts_BK > 0
         self.n += acts_BK.shape[0]
         self.sum_l0 += int(fires_BK.sum())
-        self.fire_N.index_add_(0, idx_BK[fires_BK], torch.ones_like(idx_BK[fires_BK]))
+        self.fire_N += firing_counts(acts_BK, idx_BK, self.n_latents).to(self.fire_N.device)
         ratio_B, mass_B = code_concentration(z_BN)
         ok_B = ~torch.isnan(ratio_B)
         self.sum_ratio += ratio_B[ok_B].sum()
@@ -231,8 +233,7 @@ class TrainedPenalties:
     @torch.no_grad()
     def update(self, z_BN: torch.Tensor, idx_BK: torch.Tensor, support_BK: torch.Tensor | None) -> None:
         m_BN = (z_BN if self.on == "raw" else z_BN.relu()).abs().to(torch.float64)
-        src_BK = torch.ones_like(idx_BK, dtype=torch.bool) if support_BK is None else support_BK
-        S_BN = torch.zeros(m_BN.shape, dtype=torch.bool, device=m_BN.device).scatter_(1, idx_BK, src_BK)
+        S_BN = support_BN(idx_BK, m_BN.shape[1], support_BK)
         A_N = S_BN.any(0)
         mA_BN = torch.where(A_N[None, :], m_BN, torch.zeros_like(m_BN))
         l1_B = mA_BN.sum(1)

@@ -1,4 +1,4 @@
-"""The settings of one extraction. The CLI fills it from flags; Python callers build it directly."""
+"""The settings of one extraction. The CLI is generated from it (cli_options); Python callers build it directly."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from visionsae.cli_options import option
 from visionsae.errors import UserError
 from visionsae.extract.datasets import DATASETS, SPLITS
 from visionsae.extract.layers import TOKENS
@@ -17,28 +18,38 @@ MODES = ("new", "resume", "overwrite")
 DEVICES = ("auto", "cuda", "cpu")
 
 
+def _model_choices() -> str:
+    from visionsae.extract.backbones import model_choices  # at --help time: backbones imports torch
+    return model_choices()
+
+
 @dataclasses.dataclass
 class ExtractConfig:
-    model: str = "efficientnet-lite0"  # an alias (backbones.ALIASES), timm:NAME or open_clip:ARCH[:TAG]
-    dataset: str = "digits"
-    data_root: str | None = None
-    split: str = "train"
-    layers: tuple[str, ...] | None = None  # None: the model's default (layers.default_layers)
-    tokens: str | None = None  # None: cls where the model has a class token, else mean
-    dtype: str = "float16"  # storage dtype of the activations
-    batch_size: int = 64
-    workers: int | None = None  # image-decoding processes; None: see n_workers()
-    limit: int | None = None  # keep this many images, spread evenly over the split
-    device: str = "auto"
-    random_init: bool = False
-    weights: str | None = None  # a local state dict instead of the library's pretrained weights
-    format: str = "zarr"
-    out: str | None = None  # None: runs/<model>-<dataset>-<split>.<zarr|h5>
-    mode: str = "new"  # new: refuse an existing store; resume; overwrite
-    strict: bool = False  # an unreadable image fails the run instead of being skipped
-    images_per_shard: int = 1024
-    progress: bool = True
-    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # to timm / open_clip (e.g. img_size)
+    model: str = option("efficientnet-lite0", help=lambda: f"One of {_model_choices()}.")
+    dataset: str = option("digits", help=f"One of {', '.join(DATASETS)}.")
+    data_root: str | None = option(None, help="Dataset location (fashion-mnist defaults to the Debian package's "
+                                   "folder; imagenet and folder need it).")
+    split: str = option("train", help="train or val.")
+    layers: tuple[str, ...] | None = option(None, cli_type=str, help="Comma-separated: block indices (negative from "
+                                            "the end, e.g. 6,-1), block_N / stage_N, or embedding. [default: last "
+                                            "block of a transformer; embedding of a CNN (layers.default_layers)]")
+    tokens: str | None = option(None, help=f"Rows kept per image at blocks/stages: {', '.join(TOKENS)}. [default: "
+                                "cls, or mean for models without a class token]")
+    dtype: str = option("float16", help=f"Storage dtype of the activations: {', '.join(DTYPES)}.")
+    batch_size: int = option(64)
+    workers: int | None = option(None, help="Image-decoding processes. [default: the CPUs this rank may use, less "
+                                 "one (n_workers)]")
+    limit: int | None = option(None, help="Keep N images spread evenly over the split.")
+    device: str = option("auto", help="auto, cuda or cpu.")
+    random_init: bool = option(False, help="Random weights (seeded): no download, for tests.")
+    weights: str | None = option(None, help="Local state dict (.safetensors or torch) instead of downloading.")
+    format: str = option("zarr", help=f"Store format: {', '.join(FORMATS)}.")
+    out: str | None = option(None, help="Store path. [default: runs/<model>-<dataset>-<split>.<zarr|h5>]")
+    mode: str = option("new", cli=False)  # new: refuse an existing store; resume; overwrite (sae-extract's flags)
+    strict: bool = option(False, help="Fail on an unreadable image instead of skipping it.")
+    images_per_shard: int = option(1024)
+    progress: bool = option(True, off="--quiet", help="No progress bar.")
+    model_kwargs: dict[str, Any] = option(default_factory=dict, cli=False)  # to timm / open_clip (e.g. img_size)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):

@@ -11,10 +11,13 @@ number of firing latents in the batch for ReLU / BatchTopK. Zero entries are pad
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+import typing
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
 from torch import nn
+
+from visionsae.errors import UserError
 
 
 @dataclasses.dataclass
@@ -46,6 +49,66 @@ def setting(cfg: SAEConfig, key: str) -> Any:
     return cfg.extra[key]
 
 
+@dataclasses.dataclass(frozen=True)
+class VariantSettings:
+    """A variant's own settings, typed; every field is saved in ``SAEConfig.extra`` (the checkpoint).
+
+    Each variant module defines its subclass (fields, ``defaults`` and the trainer flags it reads) and
+    names it in its class's ``Settings``; the trainer and the registry never know a field by name."""
+
+    # trainer flag (a TrainConfig field) -> the field it sets; a flag left None keeps the default
+    flags: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def defaults(cls, d_in: int, n_latents: int, k: int, variance_fraction: float) -> "VariantSettings":
+        """Every field at its default. ``variance_fraction``: the data's E||x - mean||^2 / E||x||^2 (1 when
+        unknown), for settings whose reference values are stated for differently normalised inputs."""
+        return cls()
+
+    @classmethod
+    def resolve(cls, d_in: int, n_latents: int, k: int, variance_fraction: float,
+                flags: Mapping[str, Any], overrides: Mapping[str, Any]) -> "VariantSettings":
+        """Defaults, then the trainer ``flags`` this variant reads (``cls.flags``), then ``overrides`` by
+        field name; None means default, and names the variant does not have are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {cls.flags[key]: v for key, v in flags.items() if key in cls.flags and v is not None}
+        given.update({key: v for key, v in overrides.items() if key in names and v is not None})
+        return dataclasses.replace(cls.defaults(d_in, n_latents, k, variance_fraction), **given)
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> "VariantSettings":
+        """The settings saved in ``cfg.extra``, each required (``setting``: no default at load time)."""
+        types = typing.get_type_hints(cls)
+        return cls(**{f.name: types[f.name](setting(cfg, f.name)) for f in dataclasses.fields(cls)})
+
+    def to_extra(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def latent_counts(idx_BK: torch.Tensor, n: int, mask_BK: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [n]: how many entries of idx_BK name each latent, counting only where mask_BK (all when None).
+
+    With mask_BK = acts_BK > 0 it is the number of rows each latent fires on, the one firing count that
+    training (dead latents), validation and sae-eval use. A count per unit instead of indexing with the
+    mask: no host synchronisation."""
+    hits_BK = torch.ones_like(idx_BK) if mask_BK is None else mask_BK.to(torch.int64)
+    counts_N = torch.zeros(n, dtype=torch.int64, device=idx_BK.device)
+    if idx_BK.ndim == 2 and idx_BK.stride(0) == 0:  # one index row for the whole batch (a dense code)
+        return counts_N.index_add_(0, idx_BK[0], hits_BK.sum(0))
+    return counts_N.index_add_(0, idx_BK.reshape(-1), hits_BK.reshape(-1))
+
+
+def support_BN(idx_BK: torch.Tensor, n: int, mask_BK: torch.Tensor | None = None) -> torch.Tensor:
+    """The code's support S as a dense bool B x n mask: the entries of idx_BK (only where mask_BK)."""
+    src_BK = torch.ones_like(idx_BK, dtype=torch.bool) if mask_BK is None else mask_BK.to(torch.bool)
+    return torch.zeros(idx_BK.shape[0], n, dtype=torch.bool, device=idx_BK.device).scatter_(1, idx_BK, src_BK)
+
+
+def firing_counts(acts_BK: torch.Tensor, idx_BK: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [n]: rows of the code (acts_BK, idx_BK) on which each latent fires (a zero entry is padding)."""
+    return latent_counts(idx_BK, n, acts_BK > 0)
+
+
 class SAEOutput(NamedTuple):
     x_hat_BD: torch.Tensor  # reconstruction
     z_BN: torch.Tensor  # encoder output entering the sparsifier (before Top-k / ReLU gating)
@@ -62,18 +125,22 @@ class SparseAutoencoder(nn.Module):
     """
 
     arch: ClassVar[str]
+    Settings: ClassVar[type[VariantSettings]] = VariantSettings  # the variant's own (module-local) settings
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+        self.settings = self.Settings.from_config(cfg)
 
-    @classmethod
-    def default_settings(cls, d_in: int, n_latents: int, k: int, variance_fraction: float) -> dict[str, Any]:
-        """Every variant-specific setting (``SAEConfig.extra``) with its default value.
+    # --- exports (default: none; a variant with a counterpart in another library overrides them) --------
+    def saelens_export(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        """(SAELens architecture, weights by SAELens name, cfg.json fields beyond the common ones)."""
+        raise UserError(f"a '{self.arch}' SAE has no SAELens architecture: evaluate it with sae-eval instead")
 
-        ``variance_fraction``: the data's E||x - mean||^2 / E||x||^2 (1 when unknown), for settings whose
-        reference values are stated for differently normalised inputs."""
-        return {}
+    def sparsify_export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(weights by sparsify name, sparsify's cfg.json): EleutherAI sparsify's coders are plain Top-k."""
+        raise UserError(f"a '{self.arch}' SAE has no sparsify counterpart (sparsify's coders are plain Top-k): "
+                        "export a topk run, or use --export-saelens")
 
     # --- the three steps -------------------------------------------------------------------
     def encode_pre(self, x_BD: torch.Tensor) -> torch.Tensor:

@@ -68,16 +68,14 @@ class BatchTopKSAE(DictionarySAE):
     def sparsify(self, z_BN: torch.Tensor, x_BD: torch.Tensor, k: int | None = None):
         a_BN = z_BN.relu()
         if k is not None:
-            vals_BK, idx_BK = a_BN.topk(self._check_k(k), dim=1, sorted=False)
-            return vals_BK, idx_BK, None
+            return self.plain_topk(a_BN, k)
         if self.training:
             cutoff = _global_cutoff(a_BN, self.cfg.k)
             keep_BN = (a_BN >= cutoff) & (a_BN > 0)
             # Dense (K = n, zeros are padding): no read-back of the widest row's count; forward decodes it densely.
             return a_BN * keep_BN, torch.arange(a_BN.shape[1], device=a_BN.device).expand_as(a_BN), None
         if self.threshold < 0:
-            vals_BK, idx_BK = a_BN.topk(self._check_k(self.cfg.k), dim=1, sorted=False)
-            return vals_BK, idx_BK, None
+            return self.plain_topk(a_BN, self.cfg.k)
         keep_BN = (a_BN >= self.threshold) & (a_BN > 0)
         acts_BK, idx_BK = _pad_rows(keep_BN, a_BN)
         return acts_BK, idx_BK, None
@@ -107,11 +105,18 @@ class BatchTopKSAE(DictionarySAE):
         z_BN = self.encode_pre(x_BD)
         acts_BK, idx_BK, _ = self.sparsify(z_BN, x_BD, k)
         if k is None and self.training:  # the dense training code: one matmul, equal to the gathered decode
-            return SAEOutput(acts_BK.to(self.W_dec.dtype) @ self.W_dec + self.b_dec, z_BN, acts_BK, idx_BK, None)
+            return SAEOutput(self.decode_dense(acts_BK), z_BN, acts_BK, idx_BK, None)
         return SAEOutput(self.decode(acts_BK, idx_BK), z_BN, acts_BK, idx_BK, None)
 
     def support_mask(self, out: SAEOutput) -> torch.Tensor:
         return out.acts_BK > 0
+
+    def saelens_export(self):
+        # JumpReLU with every threshold equal to the fitted one: keep z > threshold, this model's inference rule.
+        tensors = self.saelens_weights()
+        tensors["threshold"] = torch.full((self.cfg.n_latents,), float(self.threshold.clamp_min(0)),
+                                          dtype=self.W_dec.dtype)
+        return "jumprelu", tensors, {}
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -183,10 +183,27 @@ class DictionarySAE(SparseAutoencoder):
     def decode_latents(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
         return gather_decode(acts_BK, idx_BK, self.W_dec)
 
+    def decode_dense(self, a_BN: torch.Tensor) -> torch.Tensor:
+        """x_hat_BD from a dense B x N code: one matmul, equal to ``decode`` of its nonzero entries (cheaper
+        when many latents fire, as in training codes padded to K = N)."""
+        return a_BN.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
     def _check_k(self, k: int) -> int:
         k = int(k)
         assert 1 <= k <= self.cfg.n_latents, f"k={k} must be in [1, n_latents={self.cfg.n_latents}]"
         return k
+
+    def plain_topk(self, a_BN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """``sparsify``'s answer when a k is given: the k largest entries of a_BN, whatever the variant's
+        own rule (``model(x, k=k')`` compares variants at one sparsity)."""
+        vals_BK, idx_BK = a_BN.topk(self._check_k(k), dim=1, sorted=False)
+        return vals_BK, idx_BK, None
+
+    # --- exports -----------------------------------------------------------------------------------
+    def saelens_weights(self) -> dict[str, torch.Tensor]:
+        """The four tensors under SAELens' names and layouts (it encodes (x - b_dec) @ W_enc + b_enc)."""
+        return {"W_enc": self.W_enc.detach().t().contiguous(), "W_dec": self.W_dec.detach().contiguous(),
+                "b_enc": self.b_enc.detach().contiguous(), "b_dec": self.b_dec.detach().contiguous()}
 
     # --- training hooks --------------------------------------------------------------------------
     def init_from_sample(self, x_BD: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from visionsae.errors import UserError
 from visionsae.sae.base import SAEConfig, SparseAutoencoder
@@ -28,16 +28,15 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
 
 
 def resolve_config(arch: str, d_in: int, n_latents: int, k: int, *, variance_fraction: float = 1.0,
-                   **overrides: Any) -> SAEConfig:
-    """An SAEConfig whose ``extra`` holds EVERY setting of the variant, resolved now (defaults, then the
-    given overrides; None means default). Overrides the variant does not have are ignored, so a caller
-    can pass every flag it has."""
+                   flags: Mapping[str, Any] | None = None, **overrides: Any) -> SAEConfig:
+    """An SAEConfig whose ``extra`` holds EVERY setting of the variant, resolved now: its defaults, then the
+    trainer ``flags`` it declares (``Settings.flags``), then ``overrides`` by setting name (None means
+    default). Names the variant does not have are ignored, so a caller can pass every flag it has."""
     _import_variants()
     if arch not in _REGISTRY:
         raise UserError(f"unknown SAE architecture '{arch}': choose one of {', '.join(sorted(_REGISTRY))}")
-    extra = _REGISTRY[arch].default_settings(d_in, n_latents, k, variance_fraction)
-    extra.update({key: v for key, v in overrides.items() if key in extra and v is not None})
-    return SAEConfig(arch=arch, d_in=d_in, n_latents=n_latents, k=k, extra=extra)
+    settings = _REGISTRY[arch].Settings.resolve(d_in, n_latents, k, variance_fraction, flags or {}, overrides)
+    return SAEConfig(arch=arch, d_in=d_in, n_latents=n_latents, k=k, extra=settings.to_extra())
 
 
 def _import_variants() -> None:

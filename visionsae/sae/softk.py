@@ -33,14 +33,15 @@ held-out mean k^ 14.5 at k = 16 after 200 steps on EfficientNet-Lite0 embeddings
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionsae.sae.base import SAEConfig, SAEOutput, setting
+from visionsae.errors import UserError
+from visionsae.sae.base import SAEConfig, SAEOutput, VariantSettings
 from visionsae.sae.dictionary import DictionarySAE, batch_mean
 from visionsae.sae.lapsum import soft_topk_mask
 from visionsae.sae.registry import register
@@ -61,31 +62,45 @@ def anneal_steps(total_steps: int, anneal_frac: float, min_anneal_steps: int, ha
     return min(max(int(anneal_frac * total_steps), min_anneal_steps), soft // 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class SoftKSettings(VariantSettings):
+    """SoftSAE's settings (the module docstring says how each default follows the reference)."""
+
+    k_weight: float  # w_k, the k penalty's weight: 1 / variance fraction
+    k_max: float  # k^ <= k_max: 2 k
+    k_start: float  # k_target's start: min(d, k_max)
+    kest_hidden: int  # the k-estimator's hidden width: n
+    alpha: float = 1e-4  # LapSum temperature at E||x||^2 = 1 (the reference's units; applied x sqrt(d_in))
+    anneal_frac: float = 0.04
+    min_anneal_steps: int = 200
+    hard_frac: float = 0.15
+
+    flags = {"softk_alpha": "alpha", "softk_weight": "k_weight"}  # sae-train --softk-alpha, --softk-weight
+
+    @classmethod
+    def defaults(cls, d_in: int, n_latents: int, k: int, variance_fraction: float) -> "SoftKSettings":
+        assert variance_fraction > 0, f"variance fraction must be positive, got {variance_fraction}"
+        k_max = float(min(2 * k, n_latents))
+        return cls(k_weight=1.0 / variance_fraction, k_max=k_max, k_start=float(min(max(d_in, k), k_max)),
+                   kest_hidden=int(n_latents))
+
+    def __post_init__(self):
+        assert self.k_weight >= 0 and 0 <= self.anneal_frac <= 1 and 0 <= self.hard_frac <= 1 and self.alpha > 0 \
+            and 1 <= self.k_max and self.min_anneal_steps >= 0, f"bad SoftSAE settings: {self}"
+
+
 @register
 class SoftKSAE(DictionarySAE):
     arch = "softk"
-
-    @classmethod
-    def default_settings(cls, d_in: int, n_latents: int, k: int, variance_fraction: float) -> dict[str, Any]:
-        assert variance_fraction > 0, f"variance fraction must be positive, got {variance_fraction}"
-        k_max = float(min(2 * k, n_latents))
-        return {"alpha": 1e-4, "k_weight": 1.0 / variance_fraction, "k_max": k_max,
-                "k_start": float(min(max(d_in, k), k_max)), "anneal_frac": 0.04, "min_anneal_steps": 200,
-                "hard_frac": 0.15, "kest_hidden": int(n_latents)}
+    Settings = SoftKSettings
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         n, d = cfg.n_latents, cfg.d_in
-        self.k_start = float(setting(cfg, "k_start"))
-        self.k_max = float(setting(cfg, "k_max"))
-        self.anneal_frac = float(setting(cfg, "anneal_frac"))
-        self.min_anneal_steps = int(setting(cfg, "min_anneal_steps"))
-        self.hard_frac = float(setting(cfg, "hard_frac"))
-        self.k_weight = float(setting(cfg, "k_weight"))
-        alpha = float(setting(cfg, "alpha"))
-        hidden = int(setting(cfg, "kest_hidden"))
-        assert self.k_weight >= 0 and 0 <= self.anneal_frac <= 1 and 0 <= self.hard_frac <= 1 and alpha > 0 \
-            and 1 <= self.k_max and self.min_anneal_steps >= 0, f"bad SoftSAE settings: {cfg.extra}"
+        st = self.settings
+        self.k_start, self.k_max, self.k_weight = st.k_start, st.k_max, st.k_weight
+        self.anneal_frac, self.min_anneal_steps, self.hard_frac = st.anneal_frac, st.min_anneal_steps, st.hard_frac
+        alpha, hidden = st.alpha, st.kest_hidden
         # Every top-k here has this width: k^ <= k_max, so no row ever keeps more (a fixed shape, no sync).
         self.width = min(n, max(1, math.ceil(self.k_max)))
         # k-estimator, first layer initialised like the encoder (as the public code does).
@@ -118,8 +133,7 @@ class SoftKSAE(DictionarySAE):
 
     def sparsify(self, z_BN: torch.Tensor, x_BD: torch.Tensor, k: int | None = None):
         if k is not None:
-            vals_BK, idx_BK = z_BN.topk(self._check_k(k), dim=1, sorted=False)
-            return vals_BK, idx_BK, None
+            return self.plain_topk(z_BN, k)
         khat_B = self.estimate_k(x_BD)
         acts_BK, idx_BK = self._hard(z_BN, khat_B)
         return acts_BK, idx_BK, khat_B
@@ -129,18 +143,22 @@ class SoftKSAE(DictionarySAE):
         if k is not None or not self.training or self.hard:
             acts_BK, idx_BK, k_B = self.sparsify(h_BN, x_BD, k)
             if k is None and self.training:  # hard phase: rows padded to the k cap, so one matmul beats a gather
-                x_hat_BD = self.dense_code(acts_BK, idx_BK).to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+                x_hat_BD = self.decode_dense(self.dense_code(acts_BK, idx_BK))
                 return SAEOutput(x_hat_BD, h_BN, acts_BK, idx_BK, k_B)
             return SAEOutput(self.decode(acts_BK, idx_BK), h_BN, acts_BK, idx_BK, k_B)
         khat_B = self.estimate_k(x_BD)
         f_BN = h_BN.float() * soft_topk_mask(h_BN.float(), khat_B, self.alpha)
-        x_hat_BD = f_BN.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        x_hat_BD = self.decode_dense(f_BN)
         # The code reported for statistics (L0, dead latents, regularizer support): the floor(k^) largest.
         vals_BK, idx_BK = f_BN.topk(self.width, dim=1, sorted=True)
         return SAEOutput(x_hat_BD, h_BN, _keep_first(vals_BK, self._floor_k(khat_B)), idx_BK, khat_B)
 
     def support_mask(self, out: SAEOutput) -> torch.Tensor:
         return out.acts_BK > 0
+
+    def saelens_export(self):
+        raise UserError("a 'softk' SAE has no SAELens architecture (SoftSAE picks k per input): "
+                        "evaluate it with sae-eval instead")
 
     # --- training hooks ------------------------------------------------------------------------
     def begin_step(self, step: int, total_steps: int) -> None:

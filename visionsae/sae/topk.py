@@ -7,6 +7,7 @@ latents of act * W_dec row + b_dec. Decoder rows are unit-norm. The training loo
 
 from __future__ import annotations
 
+
 import torch
 
 from visionsae.sae.base import SAEOutput
@@ -31,3 +32,21 @@ class TopKSAE(DictionarySAE):
         vals_BK, idx_BK, z_BN = encode_topk(x_BD, self.W_enc, self.b_dec, self.b_enc, k)
         acts_BK = vals_BK.relu()
         return SAEOutput(self.decode(acts_BK, idx_BK), z_BN, acts_BK, idx_BK, None)
+
+    def saelens_export(self):
+        # rescale_acts_by_decoder_norm scales each latent by its decoder row's norm, 1 here (to float32
+        # rounding): a no-op that lets SAELens fold the decoder norm (load_from_disk(fold_W_dec_norm=True)).
+        return "topk", self.saelens_weights(), {"k": self.cfg.k, "rescale_acts_by_decoder_norm": True}
+
+    def sparsify_export(self):
+        # sparsify computes topk(relu(W (x - b_dec) + b)); this model keeps the k largest of z and ReLUs them:
+        # the same code wherever fewer than k latents are positive too (those extra entries are zeros).
+        tensors = {"encoder.weight": self.W_enc.detach().contiguous(),
+                   "encoder.bias": self.b_enc.detach().contiguous(), "W_dec": self.W_dec.detach().contiguous(),
+                   "b_dec": self.b_dec.detach().contiguous()}
+        # SparseCoderConfig's fields; expansion_factor is unused when num_latents is set, so it is the ratio
+        # rounded (an int field), for a reader that shows it.
+        cfg = {"activation": "topk", "expansion_factor": max(1, round(self.cfg.n_latents / self.cfg.d_in)),
+               "normalize_decoder": True, "num_latents": self.cfg.n_latents, "k": self.cfg.k, "multi_topk": False,
+               "skip_connection": False, "transcode": False, "d_in": self.cfg.d_in}
+        return tensors, cfg

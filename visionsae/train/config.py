@@ -1,4 +1,4 @@
-"""What sae-train is asked to do: one dataclass that doubles as the CLI, and the runs it expands to.
+"""What sae-train is asked to do: one dataclass that is the CLI (cli_options), and the runs it expands to.
 
 Comma-separated ``arch``, ``k``, ``reg``, ``beta`` and ``gamma`` expand to every combination; all of
 them train in one pass over the data, sharing each batch.
@@ -23,6 +23,7 @@ import dataclasses
 import math
 from typing import Any
 
+from visionsae.cli_options import option
 from visionsae.errors import UserError
 
 REGS = ("none", "off", "ratio", "both")
@@ -35,46 +36,63 @@ DEFAULT_GAMMA = 1e-3
 
 @dataclasses.dataclass
 class TrainConfig:
-    store: str
-    layer: str | None = None
-    arch: tuple[str, ...] = ("topk",)
-    k: tuple[int, ...] = (32,)
-    expansion: float | None = None  # n_latents = expansion * d (default 8 when n_latents is not given)
-    n_latents: int | None = None
-    reg: tuple[str, ...] = ("none",)
-    beta: tuple[float, ...] = (DEFAULT_BETA,)
-    gamma: tuple[float, ...] = (DEFAULT_GAMMA,)
-    reg_on: tuple[str, ...] = ("raw",)  # what the penalties measure: raw |z| or relu(z) (regularizers.py)
-    lr: float | None = None  # default: config.default_lr (3x Gao et al.'s 2e-4 sqrt(2^14 / n) in short runs)
-    batch_size: int = 4096
-    steps: int | None = None
-    epochs: float | None = None  # default 1 when steps is not given
-    val_fraction: float = 0.05
-    seed: int = 0
-    device: str = "auto"  # auto | cuda | cpu | cuda:N
-    out: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    save_every: int | None = None  # steps between periodic checkpoints; None: a quarter of the run, at most 1000; 0: only at the end
-    warmup_steps: int | None = None  # default min(1000, steps // 10)
-    decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
-    grad_clip: float = 1.0
-    auxk_coeff: float = 1 / 32
-    dead_rows: int | None = None  # default: see trainer.default_dead_rows
-    log_every: int = 50
-    autocast: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
-    preload: str = "auto"  # auto | yes | no: hold all training rows in device memory
-    buffer_mb: int = 2048  # streaming mode: shuffle buffer size
-    prefetch: int = 4  # batches prepared ahead by the loader thread
-    stop_at_step: int | None = None  # save and stop at this step (a scheduled interruption; --resume continues)
-    export_saelens: bool = False
-    export_sparsify: bool = False
-    l1_coeff: float | None = None  # relu: l1 weight (default 5 / d)
-    softk_alpha: float = 1e-4  # softk: LapSum temperature at E||x||^2 = 1 (the reference's units; x sqrt(d) here)
-    softk_weight: float | None = None  # softk: k penalty weight (default 1 / variance fraction, see sae/softk.py)
-    progress: bool = True
-    compile: bool = False  # torch.compile the models' forward (GPU: fewer kernel launches)
-    threads: int | None = None  # CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine
+    store: str = option(help="Activation store written by sae-extract (Zarr directory or HDF5 file).")
+    layer: str | None = option(None, help="Layer of the store (needed when it holds several).")
+    arch: tuple[str, ...] = option(("topk",), help="topk|softk|batchtopk|relu, or a list.")
+    k: tuple[int, ...] = option((32,), help="Latents kept per input (list allowed).")
+    expansion: float | None = option(None, help="Latents = expansion * d (default 8).")
+    n_latents: int | None = option(None, help="Number of latents (instead of --expansion).")
+    reg: tuple[str, ...] = option(("none",), help="Regularizer: none|off|ratio|both (off: off-support l1, ratio: "
+                                                  "l1/l2), or a list.")
+    beta: tuple[float, ...] = option((DEFAULT_BETA,), help="Off-support l1 weight(s).")
+    gamma: tuple[float, ...] = option((DEFAULT_GAMMA,), help="l1/l2 ratio weight(s).")
+    reg_on: tuple[str, ...] = option(("raw",), help="What the penalties measure (regularizers.py): raw (|z|, negative "
+                                     "pre-activations included, the paper's sample code) or relu (relu(z), only what "
+                                     "can enter the code), or a list.")
+    lr: float | None = option(None, help="Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents) x m, m = 3 for "
+                              "runs up to 1,000 steps, falling as 1/steps to 1 at 3,000; see BENCHMARKS.md and "
+                              "config.default_lr).")
+    batch_size: int = option(4096)
+    steps: int | None = option(None, help="Optimisation steps.")
+    epochs: float | None = option(None, help="Passes over the training rows (default 1).")
+    val_fraction: float = option(0.05, help="Images held out for validation.")
+    seed: int = option(0)
+    device: str = option("auto", help="auto|cuda|cuda:N|cpu")
+    out: str | None = option(None, help="Run directory (default runs/<store>-<layer>).")
+    resume: bool = option(False, help="Continue the run in --out from its trainer_state.pt.")
+    overwrite: bool = option(False, help="Replace the run in --out.")
+    save_every: int | None = option(None, help="Steps between periodic checkpoints, which a killed run resumes from "
+                                    "(default: a quarter of the run, at most 1000; 0: only at the end).")
+    warmup_steps: int | None = option(None, help="Linear LR warm-up (default min(1000, steps/10)).")
+    decay_frac: float = option(0.2, help="Linear LR decay over this last fraction.")
+    grad_clip: float = option(1.0)
+    auxk_coeff: float = option(1 / 32)
+    dead_rows: int | None = option(None, help="Rows without firing before a latent counts as dead (default: see "
+                                   "trainer.default_dead_rows).")
+    log_every: int = option(50)
+    autocast: str = option("auto", help="auto (bf16 on CUDA)|bf16|off")
+    preload: str = option("auto", help="Hold all training rows on the device: auto|yes|no")
+    buffer_mb: int = option(2048, help="Streaming: shards per shuffle group, in MB (two groups are in memory: one "
+                            "read ahead).")
+    prefetch: int = option(4, help="Batches prepared ahead (by the loader thread).")
+    stop_at_step: int | None = option(None, help="Save and stop at this step (continue with --resume).")
+    export_saelens: bool = option(False, help="Also write <run>/saelens/ (safetensors + cfg.json).")
+    export_sparsify: bool = option(False, help="Also write <run>/sparsify/ (sparsify's layout; topk runs).")
+    # Variant flags: each variant's Settings.flags says which of these it reads (sae/relu.py, sae/softk.py).
+    l1_coeff: float | None = option(None, help="relu: l1 weight (default 5 / d).")
+    softk_alpha: float = option(1e-4, help="softk: LapSum temperature, in the reference's units (inputs at "
+                                "E||x||^2 = 1; applied as alpha * sqrt(d) to this trainer's E||x||^2 = d inputs).")
+    softk_weight: float | None = option(None, help="softk: k-penalty weight (default 1 / variance fraction: the "
+                                        "reference's weight 1 in this trainer's loss units). Runs need at least "
+                                        "2 x 200 + the hard phase (15%) steps for the k anneal; the mean k then sits "
+                                        "about one latent below --k (the penalty on the batch mean keeps pushing): "
+                                        "measured 14.5 at k = 16 after 200 steps on image embeddings. Train 1,500 "
+                                        "steps or more to compare it with Top-k.")
+    progress: bool = option(True, help="No progress bar.", off="--no-progress")
+    compile: bool = option(False, help="torch.compile each model's forward (worth it on a GPU: fewer kernel "
+                           "launches).")
+    threads: int | None = option(None, help="CPU threads for the step (default: torch's; 1 is fastest when other "
+                                 "processes share the cores).")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

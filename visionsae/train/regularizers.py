@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from visionsae.sae.base import latent_counts, support_BN
+
 REG_ON = ("raw", "relu")
 
 
@@ -30,18 +32,7 @@ def _measured(z: torch.Tensor, on: str) -> torch.Tensor:
 
 def batch_active(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None = None) -> torch.Tensor:
     """A as a bool mask [n]: units in the Top-k support of at least one input."""
-    # A count per unit instead of indexing with the support mask: the same set, and no host synchronisation
-    hits_BK = torch.ones_like(topk_idx_BK, dtype=torch.int32) if support_BK is None else support_BK.to(torch.int32)
-    counts_N = torch.zeros(n, dtype=torch.int32, device=topk_idx_BK.device)
-    if topk_idx_BK.stride(0) == 0:  # one index row for the whole batch (a dense code): count per column
-        return counts_N.index_add_(0, topk_idx_BK[0], hits_BK.sum(0, dtype=torch.int32)) > 0
-    return counts_N.index_add_(0, topk_idx_BK.reshape(-1), hits_BK.reshape(-1)) > 0
-
-
-def _support_mask(topk_idx_BK: torch.Tensor, n: int, support_BK: torch.Tensor | None) -> torch.Tensor:
-    S_BN = torch.zeros(topk_idx_BK.shape[0], n, dtype=torch.bool, device=topk_idx_BK.device)
-    src = torch.ones_like(topk_idx_BK, dtype=torch.bool) if support_BK is None else support_BK
-    return S_BN.scatter_(1, topk_idx_BK, src)
+    return latent_counts(topk_idx_BK, n, support_BK) > 0
 
 
 def off_support_l1(z: torch.Tensor, topk_idx: torch.Tensor, *, support_BK: torch.Tensor | None = None,
@@ -50,7 +41,7 @@ def off_support_l1(z: torch.Tensor, topk_idx: torch.Tensor, *, support_BK: torch
     z = _measured(z, on)
     n = z.shape[1]
     A_N = batch_active(topk_idx, n, support_BK) if active_N is None else active_N
-    S_BN = _support_mask(topk_idx, n, support_BK)
+    S_BN = support_BN(topk_idx, n, support_BK)
     off_BN = A_N[None, :] & ~S_BN
     # where() (not a product with the mask) so units outside the set get exactly zero gradient.
     return torch.where(off_BN, z.abs(), torch.zeros_like(z)).sum(1).mean()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from visionsae.sae.base import SparseAutoencoder
+from visionsae.sae.base import SparseAutoencoder, firing_counts
 from visionsae.train.config import RunSpec
 from visionsae.train.distributed import average_gradients
 from visionsae.train.losses import auxk_loss, batch_stats, global_active, normalized_mse
@@ -89,7 +89,7 @@ class Run:
 
     @torch.no_grad()
     def _count_firing(self, acts_BK: torch.Tensor, idx_BK: torch.Tensor, rows: int) -> None:
-        fired_N = global_active(batch_active(idx_BK, self.since_fired_N.shape[0], acts_BK > 0))
+        fired_N = global_active(firing_counts(acts_BK, idx_BK, self.since_fired_N.shape[0]) > 0)
         self.since_fired_N.add_(rows).masked_fill_(fired_N, 0)
         self.since_fired_bound += rows
 

@@ -88,9 +88,9 @@ def _scale_and_variance(store: Store, layer: str) -> tuple[float, float]:
 
 
 def _sae_config(cfg: TrainConfig, spec: RunSpec, d: int, n: int, variance: float) -> SAEConfig:
-    # Every variant setting is resolved here and saved in the checkpoint (issue 13); None = the default.
-    return resolve_config(spec.arch, d, n, spec.k, variance_fraction=variance / d, l1_coeff=cfg.l1_coeff,
-                          alpha=cfg.softk_alpha, k_weight=cfg.softk_weight)
+    # Every variant setting is resolved here and saved in the checkpoint (issue 13); each variant reads the
+    # flags it declares (its Settings.flags), None = the default.
+    return resolve_config(spec.arch, d, n, spec.k, variance_fraction=variance / d, flags=cfg.to_dict())
 
 
 class Trainer:
@@ -277,18 +277,14 @@ class Trainer:
         final = self._final_metrics(last)
         self.save(final)
         paths = [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
-        if main and cfg.export_saelens:
+        asked = ((cfg.export_saelens, export_saelens, "saelens", "SAELens"),
+                 (cfg.export_sparsify, export_sparsify, "sparsify", "sparsify"))
+        for export, sub, what in [(f, sub, what) for on, f, sub, what in asked if on and main]:
             for p in paths:
                 try:
-                    export_saelens(p, p.parent / "saelens")
-                except UserError as err:
-                    print(f"note: no SAELens export for {p.parent.name}: {err}")
-        if main and cfg.export_sparsify:
-            for p in paths:
-                try:
-                    export_sparsify(p, p.parent / "sparsify")
-                except UserError as err:
-                    print(f"note: no sparsify export for {p.parent.name}: {err}")
+                    export(p, p.parent / sub)
+                except UserError as err:  # the variant's one-line refusal
+                    print(f"note: no {what} export for {p.parent.name}: {err}")
         return paths
 
     def _log_all(self, t0: float) -> dict[str, dict[str, float]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from visionsae.sae.base import SparseAutoencoder
+from visionsae.sae.base import SparseAutoencoder, firing_counts
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def validation_metrics(model: SparseAutoencoder, x_BD: torch.Tensor, *, batch_si
         n_nonzero += int(ok_B.sum())
         l0 += float((out.acts_BK > 0).sum())
         cos += float(torch.nn.functional.cosine_similarity(x_hat, x, dim=1).sum())
-        fired_N[out.idx_BK[out.acts_BK > 0]] = True
+        fired_N |= firing_counts(out.acts_BK, out.idx_BK, model.cfg.n_latents) > 0
     model.train(was_training)
     n = x_BD.shape[0]
     return {"fvu": sse / max(tot, 1e-12), "nmse": nmse / n_nonzero if n_nonzero else float("nan"), "l0": l0 / n,
