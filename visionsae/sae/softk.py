@@ -46,7 +46,7 @@ from visionsae.sae.dictionary import DictionarySAE, batch_mean
 from visionsae.sae.lapsum import soft_topk_mask
 from visionsae.sae.registry import register
 
-K_PENALTY_BETA = 5.0  # softplus sharpness of the k penalty (papers.md section 2)
+K_PENALTY_BETA = 5.0  # softplus sharpness of the k penalty (docs/methods.md section 4)
 
 
 def _keep_first(vals_BK: torch.Tensor, kf_B: torch.Tensor) -> torch.Tensor:

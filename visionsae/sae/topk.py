@@ -1,4 +1,4 @@
-"""Top-k SAE (Gao et al. 2024; the recipe of papers.md section 4).
+"""Top-k SAE (Gao et al. 2024; the recipe of docs/methods.md section 1).
 
 z = W_enc (x - b_dec) + b_enc; keep the k largest entries of z per input, then ReLU them (a kept
 negative value becomes 0 but stays in the support: Top-k selects it); x_hat = sum over the kept

@@ -113,16 +113,16 @@ class StoreWriter:
         stored: dict[str, np.ndarray] = {}
         stats: dict[str, Any] = {}
         for layer in self.spec.layers:
-            rows_LD = to_storage(acts[layer.name], self.spec.dtype)
-            if rows_LD.shape != (n * layer.tokens_per_image, layer.d):
+            rows_RD = to_storage(acts[layer.name], self.spec.dtype)
+            if rows_RD.shape != (n * layer.tokens_per_image, layer.d):
                 raise ValueError(f"layer {layer.name}, shard {shard}: expected activations of shape "
-                                 f"{(n * layer.tokens_per_image, layer.d)}, got {rows_LD.shape}")
+                                 f"{(n * layer.tokens_per_image, layer.d)}, got {rows_RD.shape}")
             row_valid = np.repeat(valid, layer.tokens_per_image)
             if not row_valid.all():  # the spec: rows of unreadable images are zeros
-                rows_LD = rows_LD.copy()
-                rows_LD[~row_valid] = 0
-            stored[layer.name] = rows_LD
-            stats[layer.name] = _shard_stats(rows_LD[row_valid], self.spec.dtype)
+                rows_RD = rows_RD.copy()
+                rows_RD[~row_valid] = 0
+            stored[layer.name] = rows_RD
+            stats[layer.name] = _shard_stats(rows_RD[row_valid], self.spec.dtype)
         chunks = self._backend.write_chunks(shard, index, label, valid.astype(np.uint8), stored)
         record = {"shard": shard, "slots": [start, stop], "n_valid": int(valid.sum()),
                   "skipped": [int(i) for i in index[~valid]], "chunks": chunks, "stats": stats}

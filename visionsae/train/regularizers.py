@@ -1,4 +1,4 @@
-"""The two sparsity regularizers of Jacquier et al. (papers.md section 1), as plain functions of tensors.
+"""The two sparsity regularizers of Jacquier et al. (docs/methods.md section 2), as plain functions of tensors.
 
 Both act on z_BN, the encoder output that enters the Top-k, restricted to the batch-active units
 A = union over the batch of the Top-k supports S_i. A is built from the supports (the indices), NOT

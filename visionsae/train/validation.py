@@ -1,4 +1,4 @@
-"""Held-out metrics at the end of training (papers.md section 5), on the validation images' rows."""
+"""Held-out metrics at the end of training (docs/methods.md section 7), on the validation images' rows."""
 
 from __future__ import annotations
 

@@ -177,9 +177,9 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     top_ok = (t.top_vals_NM[:, :S] > 0) & (t.top_slots_NM[:, :S] >= 0)
     top_lat, top_rank = np.nonzero(top_ok)
     top_slot = t.top_slots_NM[top_lat, top_rank]
-    smp_ok = ex.sample_slots_NR >= 0
+    smp_ok = ex.sample_slots_NS >= 0
     smp_lat, smp_pos = np.nonzero(smp_ok)
-    smp_slot = ex.sample_slots_NR[smp_lat, smp_pos]
+    smp_slot = ex.sample_slots_NS[smp_lat, smp_pos]
     lat_P = np.concatenate([top_lat, smp_lat]).astype(np.int64)
     slot_P = np.concatenate([top_slot, smp_slot]).astype(np.int64)
     ablate_P = np.concatenate([top_rank < ABLATED_IMAGES, np.zeros(len(smp_lat), bool)]) if head is not None else None
@@ -201,7 +201,7 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     top_bounds = np.searchsorted(top_lat, np.arange(N + 1))
     smp_bounds = np.searchsorted(smp_lat, np.arange(N + 1))
     vmax_N = t.top_vals_NM[:, 0]
-    hist_nz = ex.hist_NB > 0
+    hist_nz = ex.hist_NG > 0
 
     def image(p: int) -> tuple:
         shown_P[p] = True
@@ -241,7 +241,7 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
                                   vr_P[part[-1]], vr_P[part[0]], [image(int(p)) for p in show]])
             rec["bands"], rec["nsample"] = bands, int(len(smp))
             nz = np.nonzero(hist_nz[lat])[0]
-            rec["hist"] = [int(nz[0])] + ex.hist_NB[lat, nz[0]:nz[-1] + 1].tolist() if len(nz) else []
+            rec["hist"] = [int(nz[0])] + ex.hist_NG[lat, nz[0]:nz[-1] + 1].tolist() if len(nz) else []
             rec["cls"] = [[int(k), int(n)] for k, n in zip(ex.class_top_NJ[lat], ex.class_count_NJ[lat]) if k >= 0]
             rec["ncls"] = int(ex.class_total_N[lat])
             rec["nb"] = nb_rows[lat]
