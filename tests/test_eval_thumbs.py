@@ -16,7 +16,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 def test_digits_thumbnail_is_the_digit_enlarged():
     from sklearn.datasets import load_digits
-    src = ThumbnailSource({"id": "digits", "root": None, "split": "all"}, size=64)
+    src = ThumbnailSource({"id": "digits", "root": None, "split": "train"}, size=64)
     assert src.unavailable is None
     img = _pixels(src.png(5))
     assert img.shape == (64, 64)  # 8x8 enlarged 8 times, pixel for pixel

@@ -7,7 +7,7 @@ import click
 from visionsae.errors import OneLineCommand, UserError, one_line_errors
 from visionsae.extract.backbones import model_choices
 from visionsae.extract.config import DTYPES, FORMATS, ExtractConfig
-from visionsae.extract.datasets import DATASETS
+from visionsae.images import DATASETS
 from visionsae.extract.layers import TOKENS
 from visionsae.extract.pipeline import extract
 

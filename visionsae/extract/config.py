@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from visionsae.errors import UserError
-from visionsae.extract.datasets import DATASETS, SPLITS
+from visionsae.images import DATASETS, SPLITS
 from visionsae.extract.layers import TOKENS
 
 DTYPES = ("float16", "bfloat16", "float32")
