@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from visionsae.errors import CheckpointError, StoreError, UserError
+from visionsae.runs import checkpoints_of
 from visionsae.sae import SparseAutoencoder, load_checkpoint
 from visionsae.store import Store, open_store
 
@@ -62,8 +63,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_checkpoints(paths: list[str], device: torch.device) -> list[Checkpoint]:
+    """Checkpoints, or run directories of sae-train (each stands for the final checkpoints of its runs)."""
     out = []
-    for p in paths:
+    for p in [str(c) for given in paths for c in checkpoints_of(given)]:
         model, meta = load_checkpoint(p, device)
         for key in ("config", "store", "split"):
             if not isinstance(meta.get(key), dict):
