@@ -77,7 +77,8 @@ def load_checkpoints(paths: list[str], device: torch.device) -> list[Checkpoint]
 
 
 def _short_names(paths: list[Path]) -> list[str]:
-    """'runs/topk/ckpt.pt' -> 'topk'; the full path where the short names would collide."""
+    """'runs/clip/topk-k32-none/ckpt.pt' -> 'topk-k32-none' (the run's name, run_layout.md); the full path where
+    the short names would collide."""
     short = [(p.parent.name or p.stem) if p.name == "ckpt.pt" else p.stem for p in paths]
     return short if len(set(short)) == len(short) else [str(p) for p in paths]
 
