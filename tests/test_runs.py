@@ -88,3 +88,12 @@ def test_a_lone_configuration_written_before_run_layout_1_still_reads(tmp_path):
     (run,) = list_runs(tmp_path)
     assert run.dir == tmp_path and run.finished and run.final_metrics() == {"val_fvu": 0.5}
     assert finished_checkpoints(tmp_path) == [tmp_path / "ckpt.pt"]
+
+
+def test_the_progress_bar_names_the_sweep():
+    from visionsae.train.config import TrainConfig, describe_runs, expand_runs
+    specs = expand_runs(TrainConfig(store="s", arch=("topk",), k=(16,), reg=("none", "off", "ratio", "both")))
+    assert describe_runs(specs) == "sae-train 4 runs: topk k16 none|off|ratio|both"
+    specs = expand_runs(TrainConfig(store="s", arch=("softk", "batchtopk"), k=(8, 16)))
+    assert describe_runs(specs) == "sae-train 4 runs: softk|batchtopk k8|k16 none"
+    assert describe_runs(specs[:1]) == "sae-train 1 run: softk k8 none"
