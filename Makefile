@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/sae-train --store $(DEMO)/acts.zarr --arch softk,batchtopk $(SAE) --out $(DEMO)/baselines
 	$(BIN)/sae-eval $(DEMO)/topk $(DEMO)/baselines --k-sweep 4,8,16,32,64 \
 		--probe-budgets 1,2,4,8,16 --ms-embeddings $(DEMO)/lite2.zarr --out $(DEMO)/report
-	@echo; awk '/^\| checkpoint/{p=1} p&&/^$$/{exit} p' $(DEMO)/report/report.md | cut -d'|' -f2,6-9,11,12,14-16,19-
+	@echo; awk '/^\| checkpoint/{p=1} p&&/^$$/{exit} p' $(DEMO)/report/report.md | cut -d'|' -f2,6-9,12,14,16,19,20,23,24
 	@echo "Full report: $(DEMO)/report/report.md"
 	@echo "Latent explorer (open in a browser, no server needed): file://$(abspath $(DEMO))/report/index.html"
 	@echo "Next: train your own sweep on the same store and compare it, e.g. $(BIN)/sae-train --store $(DEMO)/acts.zarr \
