@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionsae.evaluate.thumbs import FASHION_MNIST_ROOT, ThumbnailSource, model_view
+from visionsae.evaluate.thumbs import ThumbnailSource, model_view
+from visionsae.images import FASHION_MNIST_ROOT
 
 
 def _pixels(png: bytes) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Callable
 from PIL import Image
 
 from visionsae.errors import UserError
-from visionsae.images import DATASETS, FASHION_MNIST_ROOT, READ_ERRORS, open_dataset  # noqa: F401 (re-export)
+from visionsae.images import DATASETS, READ_ERRORS, open_dataset
 
 
 class ThumbnailSource:
