@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from visionsae.runs import finished_checkpoints, list_runs
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -169,16 +171,13 @@ def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, 
 
 
 def all_checkpoints(run_dir: Path) -> list[Path]:
-    """The final checkpoints of a finished sweep; none while it is unfinished (ckpt.pt is also written at the
-    periodic saves, but the "final" log record only at the end). A one-configuration sweep writes its files
-    in run_dir itself, a larger one in run_dir/<name>/."""
-    if not (run_dir / "config.json").exists():
-        return []
-    names = json.loads((run_dir / "config.json").read_text()).get("runs", [])
-    dirs = [run_dir] if len(names) == 1 else [run_dir / n for n in names]
-    done = names and all((d / "log.jsonl").exists() and '"event": "final"' in (d / "log.jsonl").read_text()
-                         for d in dirs)
-    return [d / "ckpt.pt" for d in dirs] if done else []
+    """The final checkpoints of a finished sweep; none while it is unfinished (run_layout.md)."""
+    return finished_checkpoints(run_dir)
+
+
+def checkpoint(run_dir: Path, name: str) -> Path:
+    """The checkpoint of configuration ``name`` of the sweep in ``run_dir``."""
+    return next(r.checkpoint for r in list_runs(run_dir) if r.name == name)
 
 
 def evaluate(ckpts: list[Path], report: Path, log: Path, *, store: Path | None, max_images: int | None,
@@ -232,7 +231,7 @@ def grid(out: Path, layer: str, chosen: dict) -> None:
     coeffs = {"betas": [chosen["beta"]], "gammas": [chosen["gamma"]]}
     train(root / "topk-s0", store, layer, log, archs="topk", ks=KS, regs=",".join(REGS), **coeffs)
     train(root / "batchtopk-s0", store, layer, log, archs="batchtopk", ks=KS, regs="none", **coeffs)
-    for k in SOFTK_KS:  # one k per folder, so the checkpoint is always <folder>/ckpt.pt
+    for k in SOFTK_KS:  # one k per folder (softk-k<k>-none/ inside), each with the run length it needs
         train(root / f"softk-k{k}-s0", store, layer, log, archs="softk", ks=[k], regs="none",
               steps=max(SOFTK_MIN_STEPS, LAYERS[layer]["steps"]), **coeffs)
     for seed in SEEDS_AT_TUNE_K[1:]:
@@ -259,8 +258,9 @@ def test(out: Path, layer: str) -> None:
         if dest.exists():
             continue
         grid_dir = out / "grid" / layer
-        run([BIN / "python", REPO / "experiments" / "softk_complexity.py", grid_dir / f"softk-k{k}-s0" / "ckpt.pt",
-             grid_dir / "topk-s0" / f"topk-k{k}-none" / "ckpt.pt", "--store", out / "test.zarr",
+        run([BIN / "python", REPO / "experiments" / "softk_complexity.py",
+             checkpoint(grid_dir / f"softk-k{k}-s0", f"softk-k{k}-none"),
+             checkpoint(grid_dir / "topk-s0", f"topk-k{k}-none"), "--store", out / "test.zarr",
              "--max-images", LAYERS[layer]["eval_images"] or 10000, "--json", dest], out / "logs" / f"test-{layer}.log")
 
 
@@ -268,7 +268,6 @@ def test(out: Path, layer: str) -> None:
 def length(out: Path, layer: str, chosen: dict) -> None:
     """Top-k at k = 16, all four regularizer settings, at each training length: held-out (validation) dead
     fraction and FVU from each final checkpoint, in length/<layer>/dead_vs_steps.json."""
-    from visionsae.sae import read_checkpoint
     root, dest = out / "length" / layer, out / "length" / layer / "dead_vs_steps.json"
     if dest.exists():
         return
@@ -278,10 +277,10 @@ def length(out: Path, layer: str, chosen: dict) -> None:
         run_dir = root / f"steps{steps}"
         train(run_dir, out / "train.zarr", layer, out / "logs" / f"length-{layer}.log", archs="topk", ks=[TUNE_K],
               regs=",".join(REGS), steps=steps, **coeffs)
-        for ck in all_checkpoints(run_dir):
-            meta = read_checkpoint(ck)
-            rows.append({"steps": steps, "reg": meta["train"]["reg"], "val_dead_frac": meta["metrics"]["val_dead_frac"],
-                         "val_fvu": meta["metrics"]["val_fvu"]})
+        for r in list_runs(run_dir):
+            metrics = r.final_metrics()
+            rows.append({"steps": steps, "reg": r.settings()["reg"], "val_dead_frac": metrics["val_dead_frac"],
+                         "val_fvu": metrics["val_fvu"]})
     dest.write_text(json.dumps(rows, indent=1))
 
 

@@ -197,7 +197,7 @@ def test_head_round_trip_and_hdf5(tmp_path):
 def test_timm_head_export_names_imagenet_classes():
     import timm
     from visionsae.extract.backbones import timm_head
-    from visionsae.extract.datasets import synset_names
+    from visionsae.images import synset_names
     w, b, attrs = timm_head(timm.create_model("tf_efficientnet_lite0", pretrained=False))
     assert w.shape == (1000, 1280) and b.shape == (1000,) and attrs["classes"][770] == "running shoe"
     assert attrs["class_ids"][0] == "n01440764"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionsae.evaluate.thumbs import FASHION_MNIST_ROOT, ThumbnailSource, model_view
+from visionsae.evaluate.thumbs import ThumbnailSource, model_view
+from visionsae.images import FASHION_MNIST_ROOT
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -16,7 +17,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 def test_digits_thumbnail_is_the_digit_enlarged():
     from sklearn.datasets import load_digits
-    src = ThumbnailSource({"id": "digits", "root": None, "split": "all"}, size=64)
+    src = ThumbnailSource({"id": "digits", "root": None, "split": "train"}, size=64)
     assert src.unavailable is None
     img = _pixels(src.png(5))
     assert img.shape == (64, 64)  # 8x8 enlarged 8 times, pixel for pixel

@@ -34,21 +34,19 @@ def test_choose_falls_back_to_the_lowest_fvu():
 
 
 def test_a_sweep_counts_as_finished_only_with_every_final_record(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"runs": ["a", "b"]}))
+    # the reader itself is tested in test_runs.py; here: the script asks it, not the files
+    (tmp_path / "config.json").write_text(json.dumps({"run_layout": 1, "runs": ["a", "b"]}))
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(b"")
         (tmp_path / name / "log.jsonl").write_text(json.dumps({"step": 50}) + "\n")
     assert fmnist.all_checkpoints(tmp_path) == []  # periodic checkpoints only: resume, do not evaluate
     for name in ("a", "b"):
         with open(tmp_path / name / "log.jsonl", "a") as f:
             f.write(json.dumps({"event": "final", "step": 300}) + "\n")
     assert fmnist.all_checkpoints(tmp_path) == [tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"]
+    assert fmnist.checkpoint(tmp_path, "b") == tmp_path / "b" / "ckpt.pt"
     assert fmnist.all_checkpoints(tmp_path / "missing") == []
-    single = tmp_path / "single"  # a one-configuration sweep keeps its files in the folder itself
-    single.mkdir()
-    (single / "config.json").write_text(json.dumps({"runs": ["only"]}))
-    (single / "log.jsonl").write_text(json.dumps({"event": "final", "step": 300}) + "\n")
-    assert fmnist.all_checkpoints(single) == [single / "ckpt.pt"]
 
 
 def test_refuses_without_the_dataset(monkeypatch, tmp_path, capsys):

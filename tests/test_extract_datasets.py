@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from visionsae.errors import UserError
-from visionsae.extract.datasets import FASHION_MNIST_ROOT, even_subset, open_dataset
+from visionsae.images import FASHION_MNIST_ROOT, even_subset, open_dataset
 
 
 def test_digits_splits_cover_load_digits_once():

@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_data_config
 
 from visionsae.errors import UserError
 from visionsae.extract import ExtractConfig, extract
-from visionsae.extract.datasets import open_dataset
+from visionsae.images import open_dataset
 from visionsae.store import open_store
 
 

@@ -116,6 +116,6 @@ def test_bad_input_is_one_line(places, tmp_path, stage, args, expected):
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     assert re.search(expected, lines[0]), lines[0]
-    if expected == "diverged" and (tmp_path / "r" / "ckpt.pt").exists():  # the last good checkpoint is kept
+    if expected == "diverged" and (tmp_path / "r" / "topk-k2-none" / "ckpt.pt").exists():  # the last good checkpoint is kept
         from visionsae.sae import load_checkpoint
-        assert load_checkpoint(tmp_path / "r" / "ckpt.pt")[1]["step"] < 4
+        assert load_checkpoint(tmp_path / "r" / "topk-k2-none" / "ckpt.pt")[1]["step"] < 4

@@ -156,8 +156,10 @@ def test_one_writer_per_output(store, tmp_path, case, promise):
         assert len(err) == 1 and err[0].startswith("error: "), err
         assert "being written by another sae-train" in err[0] or "already holds a run" in err[0]
         winner_k = 2 if results[0][0] == 0 else 4
-        assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["config"]["k"] == winner_k
-        steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+        winner = tmp_path / "run" / f"topk-k{winner_k}-none"
+        assert torch.load(winner / "ckpt.pt", weights_only=True)["config"]["k"] == winner_k
+        assert not (tmp_path / "run" / f"topk-k{6 - winner_k}-none").exists()  # the refused one wrote nothing
+        steps = [json.loads(line)["step"] for line in (winner / "log.jsonl").read_text().splitlines()]
         assert steps == sorted(steps) and steps.count(10) == 1  # one run's log, not two interleaved
     elif case.startswith("two sae-extract"):
         cfg = ExtractConfig(model="timm:test_vit", random_init=True, model_kwargs={"img_size": 32}, limit=16,

@@ -64,7 +64,7 @@ def _copy(good: Path, tmp: Path, name: str) -> tuple[Path, Path]:
 
 
 def _held_out_shard(run_dir: Path) -> int:
-    slots = torch.load(run_dir / "ckpt.pt", weights_only=True)["split"]["val_slots"]
+    slots = torch.load(run_dir / "topk-k2-none" / "ckpt.pt", weights_only=True)["split"]["val_slots"]
     return int(slots[0]) // IPS
 
 
@@ -106,7 +106,7 @@ def _zip_entry_offset(path: Path, pick) -> int:
 
 
 def _eval(run_dir: Path, store: Path, tmp: Path) -> None:
-    run(EvalConfig(checkpoints=[str(run_dir / "ckpt.pt")], store=str(store), k_sweep=(), probe_budgets=(),
+    run(EvalConfig(checkpoints=[str(run_dir / "topk-k2-none" / "ckpt.pt")], store=str(store), k_sweep=(), probe_budgets=(),
                    out=str(tmp / "report"), progress=False))
 
 
@@ -124,10 +124,10 @@ def _damage_and_read(case: tuple[str, str, str], good: Path, tmp: Path) -> None:
     elif "deleted" in damage:
         (store / "images" / ("label" if "label" in damage else "index") / "c" / str(shard)).unlink()
     elif "weight tensor" in damage:
-        ckpt = run_dir / "ckpt.pt"
+        ckpt = run_dir / "topk-k2-none" / "ckpt.pt"
         _flip(ckpt, _zip_entry_offset(ckpt, lambda i: "/data/" in i.filename and i.file_size >= 64))
     elif "pickled metadata" in damage:
-        ckpt = run_dir / "ckpt.pt"
+        ckpt = run_dir / "topk-k2-none" / "ckpt.pt"
         raw = ckpt.read_bytes()
         _flip(ckpt, raw.index(b"input_scale") + 3)  # a byte of a key: still a valid pickle, different content
     elif "edited" in damage:
@@ -149,7 +149,7 @@ def _damage_and_read(case: tuple[str, str, str], good: Path, tmp: Path) -> None:
     elif reader == "Store.read_slots":
         open_store(store).read_slots("e", np.array([shard * IPS + 1]))
     elif reader == "load_checkpoint":
-        load_checkpoint(run_dir / "ckpt.pt")
+        load_checkpoint(run_dir / "topk-k2-none" / "ckpt.pt")
     elif reader == "sae-train --resume":
         train(TrainConfig(store=str(store), n_latents=16, k=(2,), batch_size=16, steps=6, save_every=3,
                           val_fraction=0.25, out=str(run_dir), resume=True, progress=False))

@@ -158,10 +158,10 @@ def _train_in_process(store: Path, out: Path, resume: bool) -> None:
 
 
 def _final(out: Path) -> dict:
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(out / "topk-k2-none" / "ckpt.pt", weights_only=True)
     state = torch.load(out / "trainer_state.pt", weights_only=True)
     log = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-           for line in (out / "log.jsonl").read_text().splitlines()]
+           for line in (out / "topk-k2-none" / "log.jsonl").read_text().splitlines()]
     return {"weights": ckpt["state_dict"], "metrics": ckpt["metrics"], "step": ckpt["step"],
             "optim": state["runs"][next(iter(state["runs"]))]["optim"]["state"], "log": log}
 
@@ -196,7 +196,7 @@ def test_training_killed_at_a_save_resumes_bit_identically(tmp_path, train_store
     assert status == -signal.SIGKILL
     _train_in_process(train_store, out, resume=True)
     assert _equal(_final(out), trained)
-    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]  # the killed writer's temporaries are gone
+    assert not [p.name for p in out.rglob("*") if ".tmp" in p.name]  # the killed writer's temporaries are gone
 
 
 def test_default_saves_a_few_times_and_a_finished_run_is_left_as_is(tmp_path, train_store, monkeypatch):
@@ -212,6 +212,7 @@ def test_default_saves_a_few_times_and_a_finished_run_is_left_as_is(tmp_path, tr
     saves = [line for line in log.read_text().splitlines() if line.endswith("replace " + str(tmp_path / "r" /
                                                                                             "trainer_state.pt"))]
     assert len(saves) == 4  # steps 2, 4, 6 and the end
-    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    files = lambda: {str(p): p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
     train(TrainConfig(**cfg, resume=True))
-    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    assert files() == before

@@ -163,7 +163,7 @@ def test_full_disk(disk, tmp_path, monkeypatch, case, promise):
         with pytest.raises(UserError) as info:
             _train(store, disk / "run", resume=True)
         _one_line(info.value, "disk is full")
-        model, meta = load_checkpoint(disk / "run" / "ckpt.pt")  # the last good checkpoint, intact
+        model, meta = load_checkpoint(disk / "run" / "topk-k2-none" / "ckpt.pt")  # the last good checkpoint, intact
         assert meta["step"] == 4
         hog.unlink()
         (ckpt,) = _train(store, disk / "run", resume=True)

@@ -141,7 +141,7 @@ def test_train_and_eval_on_2000_shards_under_256_open_files(many_shards, tmp_pat
                  "--epochs", "1", "--device", "cpu", "--out", str(out), "--no-progress", "--preload", "no",
                  "--buffer-mb", "1", module="visionsae.train.cli")
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = out / "ckpt.pt"  # one configuration: its files sit in --out itself
+    ckpt = out / "topk-k4-none" / "ckpt.pt"  # <out>/<name>/, one configuration or many (run_layout.md)
     assert ckpt.exists()
     r = _limited(str(ckpt), "--out", str(tmp_path / "report"), "--quiet", "--k-sweep", "2",
                  "--probe-budgets", "", "--top-images", "4", module="visionsae.evaluate.cli")

@@ -40,7 +40,8 @@ def test_trains_and_prints_the_checkpoint(store, tmp_path):
     code, out, err = _run("--store", store, "--layer", "b", "--n-latents", 16, "--k", 2, "--batch-size", 64,
                           "--steps", 5, "--out", tmp_path / "r")
     assert code == 0, err
-    assert out.strip().splitlines() == [str(tmp_path / "r" / "ckpt.pt")]
+    # one configuration or several: <out>/<name>/ckpt.pt (run_layout.md)
+    assert out.strip().splitlines() == [str(tmp_path / "r" / "topk-k2-none" / "ckpt.pt")]
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["store"]["layer"] == "b" and cfg["store"]["d"] == 6
 
@@ -50,7 +51,7 @@ def test_final_record_without_a_validation_split(store, tmp_path):
     code, _, err = _run("--store", store, "--layer", "b", "--n-latents", 16, "--k", 2, "--batch-size", 64,
                         "--steps", 3, "--val-fraction", 0, "--out", tmp_path / "r")
     assert code == 0, err
-    last = json.loads((tmp_path / "r" / "log.jsonl").read_text().strip().splitlines()[-1])
+    last = json.loads((tmp_path / "r" / "topk-k2-none" / "log.jsonl").read_text().strip().splitlines()[-1])
     assert last["event"] == "final" and last["step"] == 3 and not any(k.startswith("val_") for k in last)
 
 
@@ -101,15 +102,15 @@ def test_bad_settings_are_one_line_errors(store, tmp_path, args, needle):
 def test_existing_run_is_not_overwritten(store, tmp_path):
     run = ["--store", store, "--layer", "a", "--n-latents", 16, "--k", 2, "--batch-size", 64, "--out", tmp_path / "r"]
     assert _run(*run, "--steps", 4)[0] == 0
-    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    before = (tmp_path / "r" / "topk-k2-none" / "ckpt.pt").read_bytes()
     _refused(*_run(*run, "--steps", 8)[::2], "already holds a run", "--resume", "--overwrite")
-    assert (tmp_path / "r" / "ckpt.pt").read_bytes() == before
+    assert (tmp_path / "r" / "topk-k2-none" / "ckpt.pt").read_bytes() == before
     _refused(*_run(*run, "--steps", 8, "--resume")[::2], "--steps was 4")  # resuming needs the same settings
     assert _run(*run, "--steps", 8, "--overwrite")[0] == 0
-    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 8
+    assert torch.load(tmp_path / "r" / "topk-k2-none" / "ckpt.pt", weights_only=True)["step"] == 8
     # --resume with nothing saved starts the run, as sae-extract --resume does (no advice that loops)
     assert _run(*run[:-1], tmp_path / "empty", "--steps", 8, "--resume")[0] == 0
-    assert torch.load(tmp_path / "empty" / "ckpt.pt", weights_only=True)["step"] == 8
+    assert torch.load(tmp_path / "empty" / "topk-k2-none" / "ckpt.pt", weights_only=True)["step"] == 8
 
 
 def test_checkpoint_evaluates_on_a_sibling_store(tmp_path):
@@ -129,7 +130,7 @@ def test_checkpoint_evaluates_on_a_sibling_store(tmp_path):
     assert code == 0, err
     record = json.loads((tmp_path / "r" / "config.json").read_text())["store"]
     assert record["layer_fingerprint"] == test.layer_fingerprint("a") is not None
-    res = evaluate(EvalConfig([str(tmp_path / "r" / "ckpt.pt")], store=str(test.path), k_sweep=(), probe_budgets=(2,),
+    res = evaluate(EvalConfig([str(tmp_path / "r")], store=str(test.path), k_sweep=(), probe_budgets=(2,),
                               progress=False))
     summary = res.checkpoints[0].summary
     assert summary["reconstruction"]["n_rows"] == 96

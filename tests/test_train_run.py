@@ -60,7 +60,7 @@ def test_topk_recovers_a_planted_dictionary(planted, tmp_path):
     x = torch.from_numpy(st.read_slots("emb", meta["split"]["val_slots"].numpy()))
     fvu = ((model(x).x_hat_BD - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert abs(fvu - meta["metrics"]["val_fvu"]) < 1e-4
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
     assert {"loss", "fvu", "l0", "dead_frac"} <= set(log[0]) and log[-1]["event"] == "final"
 
 
@@ -172,5 +172,5 @@ def test_resume_after_a_real_kill(planted, tmp_path):
     a, b = torch.load(resumed, weights_only=True), torch.load(straight, weights_only=True)
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    steps = [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line).get("step") for line in (resumed.parent / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # lines logged after the last save were dropped on resume

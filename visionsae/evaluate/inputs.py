@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from visionsae.errors import CheckpointError, StoreError, UserError
+from visionsae.runs import checkpoints_of
 from visionsae.sae import SparseAutoencoder, load_checkpoint
 from visionsae.store import Store, open_store
 
@@ -54,8 +55,9 @@ class Group:
 
 
 def load_checkpoints(paths: list[str], device: torch.device) -> list[Checkpoint]:
+    """Checkpoints, or run directories of sae-train (each stands for the final checkpoints of its runs)."""
     out = []
-    for p in paths:
+    for p in [str(c) for given in paths for c in checkpoints_of(given)]:
         model, meta = load_checkpoint(p, device)
         for key in ("config", "store", "split"):
             if not isinstance(meta.get(key), dict):
@@ -67,7 +69,8 @@ def load_checkpoints(paths: list[str], device: torch.device) -> list[Checkpoint]
 
 
 def _short_names(paths: list[Path]) -> list[str]:
-    """'runs/topk/ckpt.pt' -> 'topk'; the full path where the short names would collide."""
+    """'runs/clip/topk-k32-none/ckpt.pt' -> 'topk-k32-none' (the run's name, run_layout.md); the full path where
+    the short names would collide."""
     short = [(p.parent.name or p.stem) if p.name == "ckpt.pt" else p.stem for p in paths]
     return short if len(set(short)) == len(short) else [str(p) for p in paths]
 

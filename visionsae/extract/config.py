@@ -9,7 +9,7 @@ from typing import Any
 
 from visionsae.cli_options import option
 from visionsae.errors import UserError
-from visionsae.extract.datasets import DATASETS, SPLITS
+from visionsae.images import DATASETS, SPLITS
 from visionsae.extract.layers import TOKENS
 
 DTYPES = ("float16", "bfloat16", "float32")

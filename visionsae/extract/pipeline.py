@@ -26,7 +26,8 @@ from tqdm import tqdm
 from visionsae.errors import UserError
 from visionsae.extract.backbones import Backbone, load_backbone
 from visionsae.extract.config import ExtractConfig
-from visionsae.extract.datasets import ImageSource, SlotImages, even_subset, open_dataset
+from visionsae.extract.slots import SlotImages
+from visionsae.images import ImageSource, even_subset, open_dataset
 from visionsae.extract.layers import Capture, default_tokens, resolve_layers
 from visionsae.extract.workers import BackgroundWriter, Ranks, copy_to_host
 from visionsae.device import resolve_device

@@ -237,6 +237,14 @@ def expand_runs(cfg: TrainConfig) -> list[RunSpec]:
     return list(runs.values())
 
 
+def describe_runs(specs: list[RunSpec]) -> str:
+    """The progress bar's label: what the pass trains, e.g. 'sae-train 4 runs: topk k16 none|off|ratio|both'."""
+    parts = []
+    for values in ([s.arch for s in specs], [f"k{s.k}" for s in specs], [s.reg for s in specs]):
+        parts.append("|".join(dict.fromkeys(values)))
+    return f"sae-train {len(specs)} run{'s' if len(specs) != 1 else ''}: {' '.join(parts)}"
+
+
 def memory_estimate(d: int, n: int, n_models: int, batch_size: int) -> int:
     """Bytes, roughly: every model's weights with their gradients and two Adam moments (float32), plus one
     step's dense pre-activations and their gradients (batch x latents), plus the batch itself."""

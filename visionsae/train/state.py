@@ -1,9 +1,8 @@
 """The run directory: who may write into it, the checkpoints, and the trainer state that --resume reads.
 
-Layout (one configuration):          several configurations:
-    DIR/ckpt.pt                          DIR/<name>/ckpt.pt, DIR/<name>/log.jsonl
-    DIR/log.jsonl                        DIR/trainer_state.pt, DIR/config.json
-    DIR/trainer_state.pt, DIR/config.json
+Layout (run_layout.md; the same for one configuration or many; visionsae.runs reads it):
+    DIR/config.json, DIR/trainer_state.pt
+    DIR/<name>/ckpt.pt, DIR/<name>/log.jsonl (, saelens/, sparsify/)
 
 ``trainer_state.pt`` holds everything the loop needs to continue exactly (every model's unfolded
 weights, optimiser moments, dead-latent counters, the step, the loader's grouping, RNG state) in ONE
@@ -27,23 +26,24 @@ import torch
 from visionsae.atomic import atomic_write
 from visionsae.errors import CheckpointError, UserError
 from visionsae.locks import OutputLock
+from visionsae.runs import CHECKPOINT, CONFIG, LOG, STATE, run_dir
 from visionsae.sae.checkpoint import atomic_torch_save, verify_checksum, with_checksum
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = STATE
 STATE_FORMAT = "visionsae-trainer-state"
 STATE_VERSION = 1
-OWN_FILES = ("ckpt.pt", "log.jsonl", STATE_FILE, "config.json")
+OWN_FILES = (CHECKPOINT, LOG, STATE_FILE, CONFIG)
+EXPORTS = ("saelens", "sparsify")
 
 
 def run_dirs(out: Path, names: list[str]) -> dict[str, Path]:
-    if len(names) == 1:
-        return {names[0]: out}
-    return {n: out / n for n in names}
+    return {n: run_dir(out, n) for n in names}
 
 
 def _existing(out: Path, names: list[str]) -> list[Path]:
-    own = [out / f for f in OWN_FILES] + [out / "saelens"]
-    return [p for p in own + ([out / n for n in names] if len(names) > 1 else []) if p.exists()]
+    # DIR/ckpt.pt, DIR/log.jsonl and DIR/<export>/: a lone configuration's files before run_layout 1
+    own = [out / f for f in OWN_FILES] + [out / e for e in EXPORTS]
+    return [p for p in own + [run_dir(out, n) for n in names] if p.exists()]
 
 
 def has_run_files(out: Path, names: list[str]) -> bool:
@@ -58,6 +58,9 @@ def check_out_dir(out: Path, names: list[str], *, resume: bool, overwrite: bool)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: choose a directory for the run")
     if resume:
+        if (out / STATE_FILE).exists() and (out / CHECKPOINT).exists():
+            raise UserError(f"{out} holds a run in the layout of older visionsae versions ({CHECKPOINT} in {out} "
+                            f"itself), which --resume cannot continue: train it again with --overwrite")
         return not (out / STATE_FILE).exists()
     existing = _existing(out, names)
     if existing and not overwrite:
@@ -95,10 +98,11 @@ def prepare_out_dir(out: Path, names: list[str], dist) -> "OutputLock | None":
 def clear_out_dir(out: Path, names: list[str]) -> None:
     """--overwrite: remove this tool's files of the old run, nothing else."""
     for p in _existing(out, names):
-        if p.is_dir() and p.name != "saelens":
+        if p.is_dir() and p.name not in EXPORTS:
             for f in OWN_FILES:
                 (p / f).unlink(missing_ok=True)
-            shutil.rmtree(p / "saelens", ignore_errors=True)
+            for e in EXPORTS:
+                shutil.rmtree(p / e, ignore_errors=True)
         elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -21,13 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from visionsae.errors import UserError
+from visionsae.runs import RUN_LAYOUT, Run as RunDir
 from visionsae.sae.base import SAEConfig
-from visionsae.sae.checkpoint import save_checkpoint
+from visionsae.sae.checkpoint import read_checkpoint, save_checkpoint
 from visionsae.device import resolve_device
 from visionsae.sae.registry import build_sae, resolve_config
 from visionsae.store import Store, open_store
 from visionsae.train import distributed
-from visionsae.train.config import RunSpec, TrainConfig, default_lr, expand_runs
+from visionsae.train.config import RunSpec, TrainConfig, default_lr, describe_runs, expand_runs
 from visionsae.train.validation import validation_metrics
 from visionsae.train.export import export_saelens, export_sparsify
 from visionsae.train.loader import Loader, make_split
@@ -228,6 +229,7 @@ class Trainer:
         if self.state is not None and self.step >= self.total:  # a finished run is left as it is
             self.loader.close()
             if main:
+                self._log_missing_final()
                 print(f"{self.out} holds a finished run (step {self.step} of {self.total}): nothing to resume; "
                       "pass --overwrite to train it again")
             return [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
@@ -239,11 +241,12 @@ class Trainer:
             for run in self.runs:  # a killed run may have logged steps past its last saved state
                 truncate_log(self.dirs[run.spec.name] / "log.jsonl", self.step)
         if main:
-            write_json(self.out / "config.json", {"train": cfg.to_dict(), "store": self.store_id,
+            write_json(self.out / "config.json", {"run_layout": RUN_LAYOUT,
+                                                  "train": cfg.to_dict(), "store": self.store_id,
                                                   "runs": [s.name for s in self.specs], "total_steps": self.total,
                                                   "input_scale": self.scale, "dead_rows": self.dead_rows})
         bar = tqdm(total=self.total, initial=self.step, disable=not (cfg.progress and main), dynamic_ncols=True,
-                   desc=f"sae-train {len(self.runs)} run(s)")
+                   desc=describe_runs(self.specs))
         t0, last = time.perf_counter(), {}
         batches = self.loader.batches(self.step)
         try:
@@ -276,6 +279,9 @@ class Trainer:
         self._calibrate()
         final = self._final_metrics(last)
         self.save(final)
+        # The final record last, after the final checkpoint: a run whose log ends with it is finished (run_layout.md)
+        for run in self.runs:
+            self._log(run, {"event": "final", "step": self.step, **final.get(run.spec.name, {})})
         paths = [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
         asked = ((cfg.export_saelens, export_saelens, "saelens", "SAELens"),
                  (cfg.export_sparsify, export_sparsify, "sparsify", "sparsify"))
@@ -286,6 +292,15 @@ class Trainer:
                 except UserError as err:  # the variant's one-line refusal
                     print(f"note: no {what} export for {p.parent.name}: {err}")
         return paths
+
+    def _log_missing_final(self) -> None:
+        """A writer killed between the final save and the final records: write them from the final checkpoints."""
+        for run in self.runs:
+            r = RunDir(run.spec.name, self.dirs[run.spec.name])
+            if r.final() is None and r.checkpoint.is_file():
+                metrics = read_checkpoint(r.checkpoint)["metrics"]
+                truncate_log(r.log, self.step)  # a record cut short by the kill
+                self._log(run, {"event": "final", "step": self.step, **metrics})
 
     def _log_all(self, t0: float) -> dict[str, dict[str, float]]:
         out = {}
@@ -308,8 +323,6 @@ class Trainer:
                 if x_val is not None:
                     m = validation_metrics(run.model, x_val, batch_size=self.cfg.batch_size, device=self.device)
                     metrics[run.spec.name].update({f"val_{k}": v for k, v in m.items()})
-                # the last record of a finished run, with or without a validation split
-                self._log(run, {"event": "final", "step": self.step, **metrics[run.spec.name]})
         self.dist.barrier()
         return metrics
 

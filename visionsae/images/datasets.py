@@ -1,10 +1,14 @@
 """Image datasets: each item is an RGB PIL image with its dataset index and label (-1 = none).
 
+The one reader of images: sae-extract runs the backbone on ``load(position)`` and records ``indices`` as the
+store's ``image_index``; sae-eval re-reads the image behind a store row with ``image_at(index)``. The
+numbering below is the store's contract (cache_layout.md section 2).
+
 - ``digits``: scikit-learn's 1797 8x8 digits (offline). They have no official split: ``train`` is the
   first 4/5 (indices 0..1436), ``val`` the rest; the recorded index is the index in load_digits().
 - ``fashion-mnist``: the idx files of Zalando's Fashion-MNIST (``train`` 60k, ``val`` = the 10k test
   set), from the Debian package dataset-fashion-mnist or ``--data-root``.
-- ``cifar10``: torchvision's CIFAR-10 (``val`` = the test batch), downloaded when online.
+- ``cifar10``: torchvision's CIFAR-10 (``val`` = the test batch), downloaded when online (``download=True``).
 - ``imagenet``: class folders under ``<data-root>/<split>/<class>/``.
 - ``folder``: any image tree under ``<data-root>``; first-level subfolder names are the labels.
 File datasets are ordered by their sorted relative paths; the index is the position in that order.
@@ -17,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from visionsae.errors import UserError
+from visionsae.images.classes import FASHION_MNIST_CLASSES, synset_names
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "imagenet", "folder")
 SPLITS = ("train", "val")
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # the Debian package dataset-fashion-mnist
 # What a corrupt or unreadable image file raises while PIL opens or decodes it.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -46,6 +48,18 @@ class ImageSource:
 
     def load(self, i: int) -> Image.Image:
         raise NotImplementedError
+
+    def position(self, index: int) -> int | None:
+        """The position of dataset index ``index`` (a store's ``image_index``), None if this split lacks it.
+        Every source lists its indices in increasing order, so this is a binary search."""
+        pos = int(np.searchsorted(self.indices, index))
+        return pos if pos < len(self.indices) and int(self.indices[pos]) == int(index) else None
+
+    def image_at(self, index: int) -> Image.Image | None:
+        """The RGB image whose dataset index is ``index``; None if this split lacks it. Unreadable files
+        raise one of READ_ERRORS."""
+        pos = self.position(index)
+        return None if pos is None else self.load(pos)
 
     def describe(self, i: int) -> str:
         return f"{self.id} image {int(self.indices[i])}"
@@ -82,12 +96,16 @@ class FileSource(ImageSource):
         return str(self.files[i])
 
 
-def open_dataset(name: str, data_root: str | None = None, split: str = "train") -> ImageSource:
+def open_dataset(name: str, data_root: str | None = None, split: str = "train", *,
+                 download: bool = True) -> ImageSource:
+    """``download=False``: never fetch (a reader re-opening what a store records must not download)."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}': choose one of {', '.join(SPLITS)}")
-    return {"digits": _digits, "fashion-mnist": _fashion_mnist, "cifar10": _cifar10, "imagenet": _imagenet,
+    if name == "cifar10":
+        return _cifar10(data_root, split, download)
+    return {"digits": _digits, "fashion-mnist": _fashion_mnist, "imagenet": _imagenet,
             "folder": _folder}[name](data_root, split)
 
 
@@ -147,13 +165,15 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
-def _cifar10(data_root: str | None, split: str) -> ImageSource:
+def _cifar10(data_root: str | None, split: str, download: bool) -> ImageSource:
     from torchvision.datasets import CIFAR10
     root = Path(data_root or Path.home() / ".cache" / "visionsae" / "cifar10")
     train = split == "train"
     try:
         ds = CIFAR10(str(root), train=train, download=False)
     except RuntimeError:  # not there (or damaged): fetch it, which works only online
+        if not download:
+            raise UserError(f"CIFAR-10 not found under {root} on this machine") from None
         try:
             ds = CIFAR10(str(root), train=train, download=True)
         except Exception as err:  # urllib / socket / tarfile errors all mean "not available here"
@@ -196,39 +216,3 @@ def _tree(dataset_id: str, where: Path, data_root: str, split: str) -> ImageSour
     labels = np.array([lookup[parts[0]] if len(parts) > 1 else -1 for parts in rel], dtype=np.int64)
     return FileSource(files, dataset_id=dataset_id, root=str(data_root), split=split, classes=classes,
                       indices=np.arange(len(files)), labels=labels, class_names=synset_names(classes))
-
-
-def synset_names(classes: list[str]) -> list[str] | None:
-    """Readable names of WordNet synset ids (``n01440764`` -> ``tench``) from the ImageNet class list timm
-    ships; None unless every name is a synset timm knows (folder trees keep their folder names)."""
-    if not classes or not all(len(c) == 9 and c[0] == "n" and c[1:].isdigit() for c in classes):
-        return None
-    try:
-        from timm.data import ImageNetInfo
-        info = ImageNetInfo()  # the 1000 classes of ILSVRC-2012, else the 21,841 of ImageNet-22k
-        if not set(classes) <= set(info.label_names()):
-            info = ImageNetInfo("imagenet-22k")
-    except (ImportError, OSError, ValueError, KeyError):
-        return None
-    known = set(info.label_names())
-    if not set(classes) <= known:
-        return None
-    return [info.label_name_to_description(c).split(",")[0].strip() for c in classes]
-
-
-class SlotImages(torch.utils.data.Dataset):
-    """Slot -> (image tensor, readable?, why not). Unreadable files become a blank image so that the
-    batch keeps its shape; the store marks them valid = 0 and zeroes their rows."""
-
-    def __init__(self, source: ImageSource, positions: np.ndarray, transform: Any, blank_CHW: torch.Tensor):
-        self.source, self.positions, self.transform, self.blank_CHW = source, positions, transform, blank_CHW
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, slot: int) -> tuple[torch.Tensor, bool, str]:
-        i = int(self.positions[slot])
-        try:
-            return self.transform(self.source.load(i)), True, ""
-        except READ_ERRORS as err:
-            return self.blank_CHW, False, f"{self.source.describe(i)} ({type(err).__name__}: {err})"
