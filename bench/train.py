@@ -31,7 +31,7 @@ from visionsae.sae.topk import TopKSAE
 from visionsae.store import open_store, write_array_store
 from visionsae.train.config import RunSpec, default_lr
 from visionsae.train.loader import Loader
-from visionsae.train.runner import Run
+from visionsae.train.training_run import Run
 
 
 class DenseDecodeTopK(TopKSAE):

@@ -13,7 +13,7 @@ from visionsae.sae.registry import resolve_config
 from visionsae.store import write_array_store
 from visionsae.train import TrainConfig, train
 from visionsae.train.config import RunSpec
-from visionsae.train.runner import Run
+from visionsae.train.training_run import Run
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")]

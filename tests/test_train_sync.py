@@ -16,7 +16,7 @@ import torch
 from visionsae.store import write_array_store
 from visionsae.train import TrainConfig
 from visionsae.train import trainer as trainer_mod
-from visionsae.train.runner import Run
+from visionsae.train.training_run import Run
 
 READ_BACKS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy", "nonzero")
 ARCHS = ("topk", "batchtopk", "relu", "softk")
@@ -96,9 +96,9 @@ def _cfg(store, out, device, auxk_coeff):
 def test_no_step_reads_the_device_back(store, tmp_path, monkeypatch, auxk_coeff):
     torch.set_num_threads(1)
     auxk_ran = []
-    import visionsae.train.runner as runner_mod
-    auxk = runner_mod.auxk_loss
-    monkeypatch.setattr(runner_mod, "auxk_loss", lambda *a: auxk_ran.append(1) or auxk(*a))
+    import visionsae.train.training_run as training_run
+    auxk = training_run.auxk_loss
+    monkeypatch.setattr(training_run, "auxk_loss", lambda *a: auxk_ran.append(1) or auxk(*a))
     guarded = _guarded_run(monkeypatch, _cfg(store, tmp_path / "run", "cpu", auxk_coeff), no_host_sync)
     assert len(guarded) >= 15
     assert bool(auxk_ran) == (auxk_coeff > 0)

@@ -38,12 +38,12 @@ __all__ = ["EvalConfig", "evaluate", "run"]
 
 
 def evaluate(cfg: EvalConfig):
-    """Compute every metric (no files written); see runner.evaluate."""
-    from visionsae.evaluate.runner import evaluate as _evaluate
+    """Compute every metric (no files written); see evaluation.evaluate."""
+    from visionsae.evaluate.evaluation import evaluate as _evaluate
     return _evaluate(cfg)
 
 
 def run(cfg: EvalConfig):
-    """Compute and write the report directory; see runner.run."""
-    from visionsae.evaluate.runner import run as _run
+    """Compute and write the report directory; see evaluation.run."""
+    from visionsae.evaluate.evaluation import run as _run
     return _run(cfg)

@@ -1,4 +1,4 @@
-"""``sae-eval CKPT [CKPT ...]``: flags (EvalConfig's fields, visionsae.cli_options) -> EvalConfig -> runner.run."""
+"""``sae-eval CKPT [CKPT ...]``: flags (EvalConfig's fields, visionsae.cli_options) -> EvalConfig -> evaluation.run."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from visionsae.evaluate.config import EvalConfig
 def main(checkpoints, **kwargs):
     """Evaluate SAE checkpoints on their held-out images; write report.json, report.md, plots and index.html.
 
+    CHECKPOINTS are ckpt.pt files or sae-train output directories (every finished run in them, run_layout.md).
     Reads the store each checkpoint was trained on (or --store) and evaluates on the checkpoint's held-out
     images; checkpoints of the same store are evaluated in one pass over the data. The report goes to
     ./eval-report unless --out says otherwise.
     """
-    from visionsae.evaluate.runner import run
+    from visionsae.evaluate.evaluation import run
     cfg = EvalConfig(checkpoints=list(checkpoints), **config_kwargs(EvalConfig, kwargs))
     result = run(cfg)
     click.echo(f"evaluated {len(result.checkpoints)} checkpoint(s); report in {cfg.out}/ "

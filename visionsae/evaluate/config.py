@@ -46,7 +46,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if not self.checkpoints:
-            raise UserError("no checkpoint given: pass one or more ckpt.pt files written by sae-train")
+            raise UserError("no checkpoint given: pass ckpt.pt files or sae-train output directories")
         for name, values in (("--k-sweep", self.k_sweep), ("--probe-budgets", self.probe_budgets)):
             if any(int(v) < 1 for v in values):
                 raise UserError(f"{name} values must be positive integers, got {','.join(map(str, values))}")

@@ -29,7 +29,7 @@ from visionsae.extract.config import ExtractConfig
 from visionsae.extract.slots import SlotImages
 from visionsae.images import ImageSource, even_subset, open_dataset
 from visionsae.extract.layers import Capture, default_tokens, resolve_layers
-from visionsae.extract.workers import BackgroundWriter, Ranks, copy_to_host
+from visionsae.extract.concurrency import BackgroundWriter, Ranks, copy_to_host
 from visionsae.device import resolve_device
 from visionsae.store import StoreSpec, StoreWriter, open_store
 from visionsae.store.extras import write_head

@@ -32,8 +32,8 @@ from visionsae.train.config import RunSpec, TrainConfig, default_lr, describe_ru
 from visionsae.train.validation import validation_metrics
 from visionsae.train.export import export_saelens, export_sparsify
 from visionsae.train.loader import Loader, make_split
-from visionsae.train.runner import Run
-from visionsae.train.state import (append_log, check_out_dir, check_resumable, clear_out_dir, has_run_files,
+from visionsae.train.training_run import Run
+from visionsae.train.run_dir import (append_log, check_out_dir, check_resumable, clear_out_dir, has_run_files,
                                    load_state, prepare_out_dir, run_dirs, save_state, truncate_log, write_json)
 
 INIT_SAMPLE_ROWS = 8192  # rows for the geometric-median initialisation of b_dec
