@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -61,6 +63,31 @@ def run_cli(*args: str, env: dict | None = None, module: str = "visionsae.extrac
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout)
+
+
+def save_eval_checkpoint(path: Path, store, layer: str, model, val_slots) -> str:
+    """A checkpoint of ``model`` as sae-train would write it for ``store``'s ``layer``, holding out ``val_slots``."""
+    from visionsae.sae import save_checkpoint
+    save_checkpoint(path, model, input_scale=1.0,
+                    store={"path": str(store.path), "fingerprint": store.fingerprint,
+                           "layer_fingerprint": store.layer_fingerprint(layer), "layer": layer,
+                           "d": store.layer(layer).d},
+                    split={"val_slots": torch.as_tensor(val_slots), "val_fraction": 0.5, "seed": 0},
+                    train={"note": "test"}, step=1, metrics={})
+    return str(path)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str):
+    """A real small filesystem at ``where`` (needs root and mount: the test skips elsewhere), for full disks."""
+    where.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if ok.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({ok.stderr.decode().strip()[:80]})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def store_files(path: Path) -> dict[str, bytes]:

@@ -17,7 +17,8 @@ import torch
 
 from visionsae.evaluate import EvalConfig, run
 from visionsae.evaluate.explorer import compute
-from visionsae.sae import SAEConfig, build_sae, save_checkpoint
+from conftest import save_eval_checkpoint
+from visionsae.sae import SAEConfig, build_sae
 from visionsae.store import open_store, write_array_store
 from visionsae.store.extras import head_attrs, read_head, write_head
 
@@ -30,14 +31,6 @@ def _digits():
     return d.images[:N_IMG].astype(np.float32) / 16.0, d.target[:N_IMG]
 
 
-def _ckpt(path, store, layer, model, val):
-    save_checkpoint(path, model, input_scale=1.0,
-                    store={"path": str(store.path), "fingerprint": store.fingerprint,
-                           "layer_fingerprint": store.layer_fingerprint(layer), "layer": layer,
-                           "d": store.layer(layer).d},
-                    split={"val_slots": torch.as_tensor(val), "val_fraction": 0.5, "seed": 0},
-                    train={"note": "test"}, step=1, metrics={})
-    return str(path)
 
 
 def _topk(d, seed, k=4):
@@ -67,8 +60,8 @@ def explorer_run(tmp_path_factory):
         for name, p in b.named_parameters():
             src = dict(a.named_parameters())[name]
             p.copy_(src[perm] if p.shape[0] == N_LAT else src)
-    cks = [_ckpt(tmp / "tok_a" / "ckpt.pt", tok, "block", a, val), _ckpt(tmp / "tok_b" / "ckpt.pt", tok, "block", b, val),
-           _ckpt(tmp / "emb" / "ckpt.pt", emb, "embedding", _topk(16, 2), val)]
+    cks = [save_eval_checkpoint(tmp / "tok_a" / "ckpt.pt", tok, "block", a, val), save_eval_checkpoint(tmp / "tok_b" / "ckpt.pt", tok, "block", b, val),
+           save_eval_checkpoint(tmp / "emb" / "ckpt.pt", emb, "embedding", _topk(16, 2), val)]
     cfg = EvalConfig(cks, out=str(tmp / "report"), k_sweep=(2,), probe_budgets=(), batch_rows=40, top_images=10,
                      html_images=6, progress=False)
     res = run(cfg)

@@ -19,7 +19,8 @@ from torch import nn
 from visionsae.evaluate import EvalConfig, evaluate, run
 from visionsae.evaluate.cli import main
 from visionsae.evaluate.monosemanticity import ms_quadratic
-from visionsae.sae import SAEConfig, SparseAutoencoder, build_sae, save_checkpoint
+from conftest import save_eval_checkpoint
+from visionsae.sae import SAEConfig, SparseAutoencoder, build_sae
 from visionsae.sae.registry import register, resolve_config
 from visionsae.store import write_array_store
 
@@ -59,14 +60,6 @@ def make_data(n=400, T=1, seed=0):
     return labels, x
 
 
-def make_ckpt(path, store, layer, model, val_slots):
-    save_checkpoint(path, model, input_scale=1.0,
-                    store={"path": str(store.path), "fingerprint": store.fingerprint,
-                           "layer_fingerprint": store.layer_fingerprint(layer), "layer": layer,
-                           "d": store.layer(layer).d},
-                    split={"val_slots": torch.as_tensor(val_slots), "val_fraction": 0.5, "seed": 0},
-                    train={"note": "test"}, step=1, metrics={})
-    return str(path)
 
 
 def signed(k):
@@ -80,8 +73,8 @@ def digits_run(tmp_path_factory):
     labels, x = make_data()
     store = write_array_store(tmp / "store", {"emb": x}, labels, images_per_shard=64, dataset_id="digits")
     val = np.arange(200, 400)
-    cks = [make_ckpt(tmp / "exact" / "ckpt.pt", store, "emb", signed(D), val),
-           make_ckpt(tmp / "k2" / "ckpt.pt", store, "emb", signed(2), val)]
+    cks = [save_eval_checkpoint(tmp / "exact" / "ckpt.pt", store, "emb", signed(D), val),
+           save_eval_checkpoint(tmp / "k2" / "ckpt.pt", store, "emb", signed(2), val)]
     cfg = EvalConfig(cks, out=str(tmp / "report"), k_sweep=(2, 4, D), probe_budgets=(1, 2), batch_rows=64,
                      top_images=20, progress=False)
     return tmp, store, x, labels, cfg, run(cfg)
@@ -174,7 +167,7 @@ def test_token_store_pooling_and_ms_against_definition(tmp_path):
     labels, x = make_data(n=90, T=T, seed=1)
     store = write_array_store(tmp_path / "tok", {"blocks": x}, labels, tokens_per_image=T, images_per_shard=16)
     val = np.arange(30, 90, 2)
-    ck = make_ckpt(tmp_path / "c.pt", store, "blocks", signed(3), val)
+    ck = save_eval_checkpoint(tmp_path / "c.pt", store, "blocks", signed(3), val)
     res = evaluate(EvalConfig([ck], k_sweep=(), probe_budgets=(), batch_rows=4 * T, progress=False))
     c = res.checkpoints[0]
     model = signed(3).eval()
@@ -202,7 +195,7 @@ def test_ms_embeddings_joined_on_image_index(tmp_path):
                               backbone_id="other", images_per_shard=16)
     assert other.fingerprint != store.fingerprint
     val = np.arange(60)
-    ck = make_ckpt(tmp_path / "c.pt", store, "emb", signed(D), val)
+    ck = save_eval_checkpoint(tmp_path / "c.pt", store, "emb", signed(D), val)
     res = evaluate(EvalConfig([ck], ms_embeddings=str(tmp_path / "b"), k_sweep=(), probe_budgets=(),
                               progress=False))
     kept = np.sort(perm)
@@ -230,7 +223,7 @@ def _split_stores(tmp_path, test_dataset="arrays"):
 
 def test_sibling_store_every_image_and_probes_from_the_training_store(tmp_path):
     train, test, x_test = _split_stores(tmp_path)
-    ck = make_ckpt(tmp_path / "c.pt", train, "emb", signed(D), np.arange(150, 200))
+    ck = save_eval_checkpoint(tmp_path / "c.pt", train, "emb", signed(D), np.arange(150, 200))
     res = evaluate(EvalConfig([ck], store=str(test.path), k_sweep=(4,), probe_budgets=(1,), progress=False))
     summary, group = res.checkpoints[0].summary, res.groups[0].summary
     assert summary["reconstruction"]["n_rows"] == 80 and summary["reconstruction"]["fvu"] == 0.0
@@ -249,7 +242,7 @@ def test_sibling_store_every_image_and_probes_from_the_training_store(tmp_path):
 
 def test_sibling_store_without_its_training_store_skips_only_the_probes(tmp_path):
     train, test, _ = _split_stores(tmp_path, test_dataset="elsewhere")
-    ck = make_ckpt(tmp_path / "c.pt", train, "emb", signed(D), np.arange(150, 200))
+    ck = save_eval_checkpoint(tmp_path / "c.pt", train, "emb", signed(D), np.arange(150, 200))
     res = evaluate(EvalConfig([ck], store=str(test.path), k_sweep=(), probe_budgets=(1,), progress=False))
     assert "labels do not match" in res.checkpoints[0].summary["probes"]["skipped"]
     shutil.rmtree(train.path)
@@ -267,7 +260,7 @@ def test_real_variants_sweep_matches_forward(tmp_path):
         torch.manual_seed(0)
         m = build_sae(resolve_config(arch, D, 32, 4))
         models.append(m.eval())
-        cks.append(make_ckpt(tmp_path / arch / "ckpt.pt", store, "emb", m, val))
+        cks.append(save_eval_checkpoint(tmp_path / arch / "ckpt.pt", store, "emb", m, val))
     res = evaluate(EvalConfig(cks, k_sweep=(2, 4), probe_budgets=(1, 4), batch_rows=32, progress=False))
     xv = torch.from_numpy(x[60:120])
     for ck, m in zip(res.checkpoints, models):

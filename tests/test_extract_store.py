@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_image_tree, run_cli, store_files
+from conftest import make_image_tree, mounted_tmpfs, run_cli, store_files
 from visionsae.errors import StoreError
 from visionsae.extract import ExtractConfig, extract
 from visionsae.extract.cli import main
@@ -163,13 +163,8 @@ def test_strict_fails_on_an_unreadable_image(tmp_path, image_tree):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MiB tmpfs: a real full disk (needs root and mount; skipped elsewhere)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if ok.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({ok.stderr.decode().strip()[:80]})")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "mnt", "1m") as mnt:
+        yield mnt
 
 
 def test_full_disk_leaves_no_false_complete_shard(tmp_path, tiny_disk, image_tree):

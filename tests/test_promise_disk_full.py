@@ -8,7 +8,6 @@ at the moment the case names.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import store_files
+from conftest import mounted_tmpfs, store_files
 from visionsae.errors import UserError
 from visionsae.evaluate import EvalConfig, run
 from visionsae.sae import load_checkpoint
@@ -42,13 +41,8 @@ X = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
 
 @pytest.fixture
 def disk(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
-    if ok.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({ok.stderr.decode().strip()[:80]})")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "mnt", "3m") as mnt:
+        yield mnt
 
 
 def _fill(disk: Path) -> Path:

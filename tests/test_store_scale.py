@@ -13,7 +13,6 @@ from visionsae.errors import StoreError
 from visionsae.store import open_store, write_array_store
 from visionsae.store import layout
 
-from conftest import run_cli
 
 
 def _store(path: Path, n_images: int = 64, ips: int = 16, d: int = 4, layers=("e",)):
