@@ -224,3 +224,17 @@ def physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
         return 1 << 40
+
+
+def aggregate_stats(records: Mapping[int, Mapping[str, Any]], layer: str, d: int,
+                    n_shards: int) -> tuple[int, np.ndarray, float]:
+    """(count, float64 column sums, sum of squared norms) of ``layer`` over shards 0..n_shards-1, summed in
+    shard order (cache_layout.md section 5). The writer stores what this gives and the reader recomputes
+    it, so both must be this one function. A record without the layer's statistics raises KeyError."""
+    count, total, sq = 0, np.zeros(d, dtype=np.float64), 0.0
+    for s in range(n_shards):
+        st = records[s]["stats"][layer]
+        count += int(st["count"])
+        total += np.asarray(st["sum"], dtype=np.float64)
+        sq += float(st["sum_sq_norm"])
+    return count, total, sq

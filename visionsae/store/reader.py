@@ -27,8 +27,8 @@ import numpy as np
 from visionsae.errors import StoreError
 from visionsae.store import hdf5, zarr
 from visionsae.store.backend import ChunkReader
-from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, crc32_of, layer_fingerprint,
-                                    shard_record_name, store_fingerprint, to_float32)
+from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, aggregate_stats, crc32_of,
+                                    layer_fingerprint, shard_record_name, store_fingerprint, to_float32)
 
 MAX_OPEN_MAPS = 32  # shard memory maps kept open (one file descriptor each)
 IMAGE_ARRAYS = ("index", "label", "valid")
@@ -138,15 +138,13 @@ class Store:
     def _check_stats(self, info: LayerInfo) -> None:
         """The layer's mean, count and mean_sq_norm must be what the manifest's per-shard sums give
         (cache_layout.md section 5): they carry no checksum of their own, and they set the input scale."""
-        count, total, sq = 0, np.zeros(info.d, dtype=np.float64), 0.0
-        for s in range(self.n_shards):
-            st = self.record(s).get("stats", {}).get(info.name)
+        records = {s: self.record(s) for s in range(self.n_shards)}
+        for s, rec in records.items():
+            st = rec.get("stats", {}).get(info.name)
             if not isinstance(st, dict) or not {"count", "sum", "sum_sq_norm"} <= st.keys():
                 raise StoreError(f"manifest record {shard_record_name(s)} of {self.path} has no statistics for "
                                  f"layer '{info.name}': the record is damaged; delete it and rerun sae-extract --resume")
-            count += int(st["count"])
-            total += np.asarray(st["sum"], dtype=np.float64)
-            sq += float(st["sum_sq_norm"])
+        count, total, sq = aggregate_stats(records, info.name, info.d, self.n_shards)
         mean, msq = total / max(count, 1), sq / max(count, 1)
         bad = None
         if count != info.count:

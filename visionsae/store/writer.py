@@ -23,7 +23,7 @@ from visionsae.errors import StoreError
 from visionsae.locks import OutputLock
 from visionsae.store import hdf5, zarr
 from visionsae.store.backend import Backend, ChunkWriter
-from visionsae.store.layout import HDF5_SIGNATURE, LayerSpec, StoreSpec, to_float32, to_storage
+from visionsae.store.layout import HDF5_SIGNATURE, LayerSpec, StoreSpec, aggregate_stats, to_float32, to_storage
 
 MODES = ("new", "overwrite", "resume", "join")
 
@@ -122,7 +122,8 @@ class StoreWriter:
                 rows_RD = rows_RD.copy()
                 rows_RD[~row_valid] = 0
             stored[layer.name] = rows_RD
-            stats[layer.name] = _shard_stats(rows_RD[row_valid], self.spec.dtype)
+            # every row valid (the usual case): no boolean-index copy of the whole shard
+            stats[layer.name] = _shard_stats(rows_RD if row_valid.all() else rows_RD[row_valid], self.spec.dtype)
         chunks = self._backend.write_chunks(shard, index, label, valid.astype(np.uint8), stored)
         record = {"shard": shard, "slots": [start, stop], "n_valid": int(valid.sum()),
                   "skipped": [int(i) for i in index[~valid]], "chunks": chunks, "stats": stats}
@@ -141,12 +142,7 @@ class StoreWriter:
                              "rerun sae-extract with --resume to write them")
         layer_attrs, means = {}, {}
         for layer in self.spec.layers:
-            count, total, sq = 0, np.zeros(layer.d, dtype=np.float64), 0.0
-            for s in range(self.n_shards):
-                st = records[s]["stats"][layer.name]
-                count += int(st["count"])
-                total += np.asarray(st["sum"], dtype=np.float64)
-                sq += float(st["sum_sq_norm"])
+            count, total, sq = aggregate_stats(records, layer.name, layer.d, self.n_shards)
             means[layer.name] = total / max(count, 1)
             layer_attrs[layer.name] = {**layer.attrs(self.spec.dtype), "count": count,
                                        "mean_sq_norm": sq / max(count, 1)}
