@@ -193,3 +193,30 @@ def test_every_setting_is_saved_and_none_is_defaulted_at_load(arch, tmp_path):
     torch.save(ckpt, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match="older visionsae"):
         load_checkpoint(tmp_path / "old.pt")
+
+
+def test_firing_counts_of_a_dense_code_equal_the_general_path():
+    """BatchTopK / ReLU train with K = n and one shared index row (stride 0): the column-sum shortcut must
+    count exactly what the per-entry path counts."""
+    from visionsae.sae.base import firing_counts, latent_counts
+    acts_BN = torch.randn(7, 11).relu()
+    idx_shared_BN = torch.arange(11).expand(7, 11)
+    assert idx_shared_BN.stride(0) == 0
+    idx_copy_BN = idx_shared_BN.contiguous()
+    assert torch.equal(firing_counts(acts_BN, idx_shared_BN, 11), firing_counts(acts_BN, idx_copy_BN, 11))
+    assert torch.equal(latent_counts(idx_shared_BN, 11), latent_counts(idx_copy_BN, 11))
+    assert torch.equal(latent_counts(idx_shared_BN, 11), torch.full((11,), 7))
+
+
+def test_a_device_that_is_not_one_is_a_one_line_error():
+    from visionsae.device import resolve_device
+    from visionsae.errors import UserError
+    for name in ("gpu", "cpu:0x", "tpu"):
+        with pytest.raises(UserError, match="--device"):
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            resolve_device("cuda:7")
+    else:
+        with pytest.raises(UserError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

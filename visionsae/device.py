@@ -20,4 +20,11 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
             name = f"cuda:{local_rank}"
     elif name != "cpu":
         raise UserError(f"unknown --device '{name}': use auto, cuda, cuda:N or cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # e.g. cuda:x, cudafoo
+        raise UserError(f"unknown --device '{name}': use auto, cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+    return device

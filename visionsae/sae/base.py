@@ -91,10 +91,12 @@ def latent_counts(idx_BK: torch.Tensor, n: int, mask_BK: torch.Tensor | None = N
     With mask_BK = acts_BK > 0 it is the number of rows each latent fires on, the one firing count that
     training (dead latents), validation and sae-eval use. A count per unit instead of indexing with the
     mask: no host synchronisation."""
-    hits_BK = torch.ones_like(idx_BK) if mask_BK is None else mask_BK.to(torch.int64)
     counts_N = torch.zeros(n, dtype=torch.int64, device=idx_BK.device)
     if idx_BK.ndim == 2 and idx_BK.stride(0) == 0:  # one index row for the whole batch (a dense code)
-        return counts_N.index_add_(0, idx_BK[0], hits_BK.sum(0))
+        # a column sum of the mask (bool sums to int64): no B x n int64 copy of it
+        per_col = torch.full_like(idx_BK[0], idx_BK.shape[0]) if mask_BK is None else mask_BK.sum(0)
+        return counts_N.index_add_(0, idx_BK[0], per_col)
+    hits_BK = torch.ones_like(idx_BK) if mask_BK is None else mask_BK.to(torch.int64)
     return counts_N.index_add_(0, idx_BK.reshape(-1), hits_BK.reshape(-1))
 
 

@@ -163,9 +163,11 @@ class Trainer:
             sample_BD = self.loader.sample(INIT_SAMPLE_ROWS)
             for run in self.runs:
                 run.model.init_from_sample(sample_BD)
-        # issue 13: rows on which models fit inference-only settings to their current weights (BatchTopK)
-        self.calib_BD = (self.loader.sample(INIT_SAMPLE_ROWS)
-                         if any(r.model.needs_calibration for r in self.runs) else None)
+        # Rows on which models fit inference-only settings to their current weights (BatchTopK's threshold):
+        # the initialisation sample (the loader's first rows either way), read again only on resume.
+        self.calib_BD = None
+        if any(r.model.needs_calibration for r in self.runs):
+            self.calib_BD = sample_BD if self.state is None else self.loader.sample(INIT_SAMPLE_ROWS)
 
     # --- saving ------------------------------------------------------------------------------
     def _train_meta(self, spec: RunSpec) -> dict[str, Any]:
@@ -177,12 +179,13 @@ class Trainer:
                 "grad_clip": c.grad_clip, "auxk_coeff": c.auxk_coeff, "dead_rows": self.dead_rows,
                 "seed": c.seed, "world_size": self.dist.world, "train_rows": self.loader.n_rows}
 
-    def save(self, metrics: dict[str, dict[str, float]]) -> None:
+    def save(self, metrics: dict[str, dict[str, float]], calibrate: bool = True) -> None:
         """Checkpoints of every run, then the trainer state; rank 0 writes, every rank waits for it."""
         for run in self.runs:  # never replace a good checkpoint with a diverged model (weights equal on all ranks)
             if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
                 raise UserError(self._diverged(run.spec.name, "its weights are not finite"))
-        self._calibrate()
+        if calibrate:
+            self._calibrate()
         if self.dist.main:
             split = {"val_slots": torch.from_numpy(self.val_slots.copy()), "val_fraction": self.cfg.val_fraction,
                      "seed": self.cfg.seed}
@@ -276,9 +279,9 @@ class Trainer:
             if main:
                 print(f"stopped at step {self.step} of {self.total}; continue with the same command plus --resume")
             return [self.dirs[r.spec.name] / "ckpt.pt" for r in self.runs]
-        self._calibrate()
+        self._calibrate()  # before the final validation, which measures the inference rule
         final = self._final_metrics(last)
-        self.save(final)
+        self.save(final, calibrate=False)  # the same weights: already fitted
         # The final record last, after the final checkpoint: a run whose log ends with it is finished (run_layout.md)
         for run in self.runs:
             self._log(run, {"event": "final", "step": self.step, **final.get(run.spec.name, {})})
