@@ -5,6 +5,8 @@ tokens are the image's 4x4 quadrants (so a heatmap must light the quadrant that 
 pooled layer with a linear "classifier head" fitted to the labels.
 """
 
+import base64
+import dataclasses
 import gc
 import json
 import re
@@ -127,10 +129,27 @@ def test_token_activations_equal_a_dense_encode(explorer_run):
     np.testing.assert_array_equal(pv.tokens_PT, want)
 
 
-def test_heatmap_lights_the_quadrant_with_the_latents_input():
-    # one latent reads the top-left quadrant only: its heat is 255 there and 0 elsewhere
+def test_patch_grids():
     assert compute.patch_grid(5, "all") == (1, 2, 2) and compute.patch_grid(49, "spatial") == (0, 7, 7)
     assert compute.patch_grid(1, "embedding") is None and compute.patch_grid(6, "patches") is None
+
+
+def test_heatmap_is_the_latents_patch_activations_on_its_top_scale(explorer_run):
+    """The heat of a latent's top image: its patch-token activations (class token skipped), 255 at the
+    latent's largest activation over the shown images (under max pooling, the top image's value)."""
+    _, cfg, res, _, (tok, _), (a, _) = explorer_run
+    t = res.checkpoints[0].tables
+    checked = 0
+    for lat in np.nonzero(t.top_vals_NM[:, 0] > 0)[0][:5]:
+        rec = _chunk(Path(cfg.out), 0, int(lat))
+        index = rec["top"][0][0]
+        slot = int(np.nonzero(tok.image_index == index)[0][0])
+        pv = compute.pair_values(a, tok, "block", np.array([slot]), np.array([lat]), torch.device("cpu"), batch_rows=10)
+        want = np.clip(np.rint(255 * pv.tokens_PT[0, 1:] / t.top_vals_NM[lat, 0]), 0, 255).astype(np.uint8)
+        got = np.frombuffer(base64.b64decode(rec["heat"][str(index)]), dtype=np.uint8)
+        np.testing.assert_array_equal(got, want)
+        checked += 1
+    assert checked == 5
 
 
 def test_head_effects_and_ablation_are_exact(explorer_run):
@@ -295,3 +314,13 @@ def test_vectorised_rounding_equals_four_significant_digits():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.lognormal(0, 6, 2000) * rng.choice([-1, 1], 2000), [0.0, np.nan, np.inf, 999.96, 0.3]])
     assert _col(x) == [_g(v) for v in x]
+
+
+def test_class_token_pooling_shows_the_values_images_were_ranked_by(explorer_run, tmp_path):
+    """--image-pooling cls ranks a latent's images by its class-token activation: the page shows those values."""
+    tmp, cfg, *_ = explorer_run
+    cls_cfg = dataclasses.replace(cfg, checkpoints=cfg.checkpoints[:1], out=str(tmp_path / "cls"), image_pooling="cls")
+    t = run(cls_cfg).checkpoints[0].tables
+    for lat in np.nonzero(t.top_vals_NM[:, 0] > 0)[0][:5]:
+        shown = [v for _, v, _ in _chunk(Path(cls_cfg.out), 0, int(lat))["top"]]
+        np.testing.assert_allclose(shown, t.top_vals_NM[lat, :len(shown)], rtol=1e-3)

@@ -185,7 +185,12 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     ablate_P = np.concatenate([top_rank < ABLATED_IMAGES, np.zeros(len(smp_lat), bool)]) if head is not None else None
     pv = compute.pair_values(model, store, layer, slot_P, lat_P, device, cfg.batch_rows, head,
                              dirs_ND if head is not None else None, ablate_P)
-    val_P = pv.tokens_PT.max(1)
+    # an image's value for a latent is what sae-eval ranked it by (max over tokens, or the class token)
+    cls_pooled = cfg.image_pooling == "cls" and pv.tokens_PT.shape[1] > 1
+    val_P = pv.tokens_PT[:, 0] if cls_pooled else pv.tokens_PT.max(1)
+    # heatmaps of a latent share one scale: its largest token activation over the images shown
+    heat_max_N = np.zeros(N)
+    np.maximum.at(heat_max_N, lat_P, pv.tokens_PT.max(1))
     idx_P = index[slot_P]
     vr_P = _col(val_P)
     records_P = list(zip(idx_P.tolist(), vr_P, labels[slot_P].tolist()))  # [index, value, label]
@@ -200,7 +205,6 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     n_top = len(top_lat)
     top_bounds = np.searchsorted(top_lat, np.arange(N + 1))
     smp_bounds = np.searchsorted(smp_lat, np.arange(N + 1))
-    vmax_N = t.top_vals_NM[:, 0]
     hist_nz = ex.hist_NG > 0
 
     def image(p: int) -> tuple:
@@ -208,10 +212,10 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
         return records_P[p]
 
     def heat(p: int, lat: int, out: dict) -> None:
-        if grid is None or not vmax_N[lat] > 0:
+        if grid is None or not heat_max_N[lat] > 0:
             return
         first = grid[0]
-        q = np.clip(np.rint(255 * pv.tokens_PT[p, first:] / vmax_N[lat]), 0, 255).astype(np.uint8)
+        q = np.clip(np.rint(255 * pv.tokens_PT[p, first:] / heat_max_N[lat]), 0, 255).astype(np.uint8)
         out[str(int(index[slot_P[p]]))] = base64.b64encode(q.tobytes()).decode("ascii")
 
     folder.mkdir(parents=True, exist_ok=True)
