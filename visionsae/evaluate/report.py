@@ -18,7 +18,8 @@ from typing import Any
 
 from visionsae.atomic import atomic_write, fsync_dir
 from visionsae.errors import UserError
-from visionsae.evaluate import html, plots
+from visionsae.evaluate import plots
+from visionsae.evaluate.explorer import write_explorer
 from visionsae.locks import OutputLock
 
 REPORT_FORMAT = "visionsae-eval-report"
@@ -67,7 +68,7 @@ def write_report(result, out: Path) -> dict[str, Path]:
         figures = plots.write_plots(result, tmp)
         files.update(figures)
         files["md"].write_text(markdown(doc, {k: p.name for k, p in figures.items()}))
-        files["html"] = html.write_html(result, tmp, {k: p.name for k, p in figures.items()})
+        files["html"] = write_explorer(result, tmp, {k: p.name for k, p in figures.items()})
         for entry in sorted(tmp.iterdir()):
             target = out / entry.name
             if entry.is_dir() and target.is_dir():

@@ -27,7 +27,9 @@ from visionsae.store.extras import ClassifierHead
 @torch.no_grad()
 def decoder_directions(model: SparseAutoencoder, n_latents: int, device: torch.device,
                        block: int = 4096) -> torch.Tensor:
-    """[N, D] float32: what each latent adds to the reconstruction per unit of activation (raw input space)."""
+    """[N, D] float32: what each latent adds to the reconstruction per unit of activation (raw input space).
+    Through ``decode`` minus the output bias, the one decoding method every SparseAutoencoder has
+    (``decode_latents`` is optional)."""
     zero_K = torch.zeros(1, 1, device=device)
     bias_D = model.decode(zero_K, torch.zeros(1, 1, dtype=torch.int64, device=device))[0]
     parts = []
