@@ -159,7 +159,7 @@ def extract(path: Path, split: str, log: Path, model: str = "efficientnet-lite0"
 def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, regs: str, betas, gammas,
           seed: int = 0, steps: int | None = None, reg_on: str = "raw") -> None:
     """One sae-train sweep (every combination in one pass over the data); skipped when it finished before."""
-    if all_checkpoints(out_dir):
+    if finished_checkpoints(out_dir):
         return
     s = LAYERS[layer]
     print(f"  training {out_dir}", flush=True)
@@ -170,24 +170,22 @@ def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, 
          "--val-fraction", 0.1, "--seed", seed, "--save-every", 150, "--out", out_dir, "--no-progress", *resume], log)
 
 
-def all_checkpoints(run_dir: Path) -> list[Path]:
-    """The final checkpoints of a finished sweep; none while it is unfinished (run_layout.md)."""
-    return finished_checkpoints(run_dir)
-
-
 def checkpoint(run_dir: Path, name: str) -> Path:
     """The checkpoint of configuration ``name`` of the sweep in ``run_dir``."""
     return next(r.checkpoint for r in list_runs(run_dir) if r.name == name)
 
 
 def evaluate(ckpts: list[Path], report: Path, log: Path, *, store: Path | None, max_images: int | None,
-             ms_embeddings: Path | None = None) -> dict:
+             ms_embeddings: Path | None = None, full: bool = True) -> dict:
+    """sae-eval into ``report``; full=False skips the k-sweep and the probes (a second pass that only
+    needs the other MS figures)."""
     if not (report / "report.json").exists():
         print(f"  evaluating {len(ckpts)} checkpoints into {report}", flush=True)
         extra = (["--store", store] if store else []) + (["--max-images", max_images] if max_images else [])
         extra += ["--ms-embeddings", ms_embeddings] if ms_embeddings else []
-        run([BIN / "sae-eval", *ckpts, *extra, "--k-sweep", K_SWEEP, "--probe-budgets", PROBE_BUDGETS,
-             "--out", report, "--quiet"], log)
+        sweeps = ["--k-sweep", K_SWEEP, "--probe-budgets", PROBE_BUDGETS] if full else ["--k-sweep", "",
+                                                                                       "--probe-budgets", ""]
+        run([BIN / "sae-eval", *ckpts, *extra, *sweeps, "--out", report, "--quiet"], log)
     return json.loads((report / "report.json").read_text())
 
 
@@ -199,7 +197,7 @@ def tune(out: Path, layer: str) -> dict:
     runs = out / "tune" / layer / "runs"
     train(runs, out / "train.zarr", layer, out / "logs" / f"tune-{layer}.log", archs="topk", ks=[TUNE_K],
           regs="none,off,ratio", betas=BETAS, gammas=GAMMAS)
-    report = evaluate(all_checkpoints(runs), out / "tune" / layer / "report", out / "logs" / f"tune-{layer}.log",
+    report = evaluate(finished_checkpoints(runs), out / "tune" / layer / "report", out / "logs" / f"tune-{layer}.log",
                       store=None, max_images=LAYERS[layer]["tune_images"])
     chosen = choose(report["checkpoints"])
     chosen_path.write_text(json.dumps(chosen, indent=1))
@@ -242,7 +240,7 @@ def grid(out: Path, layer: str, chosen: dict) -> None:
 
 
 def grid_checkpoints(out: Path, layer: str) -> list[Path]:
-    return [p for d in sorted((out / "grid" / layer).iterdir()) if d.is_dir() for p in all_checkpoints(d)]
+    return [p for d in sorted((out / "grid" / layer).iterdir()) if d.is_dir() for p in finished_checkpoints(d)]
 
 
 def test(out: Path, layer: str) -> None:
@@ -252,7 +250,7 @@ def test(out: Path, layer: str) -> None:
     # the same checkpoints and images, MS measured with an independent encoder (EfficientNet-Lite2)
     evaluate(grid_checkpoints(out, layer), out / "test" / f"{layer}-lite2", out / "logs" / f"test-{layer}.log",
              store=out / "test.zarr", max_images=LAYERS[layer]["eval_images"],
-             ms_embeddings=out / "lite2-test.zarr")
+             ms_embeddings=out / "lite2-test.zarr", full=False)  # only its MS is read
     for k in SOFTK_KS:
         dest = report / f"softk_complexity_k{k}.json"
         if dest.exists():

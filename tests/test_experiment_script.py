@@ -40,13 +40,13 @@ def test_a_sweep_counts_as_finished_only_with_every_final_record(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "ckpt.pt").write_bytes(b"")
         (tmp_path / name / "log.jsonl").write_text(json.dumps({"step": 50}) + "\n")
-    assert fmnist.all_checkpoints(tmp_path) == []  # periodic checkpoints only: resume, do not evaluate
+    assert fmnist.finished_checkpoints(tmp_path) == []  # periodic checkpoints only: resume, do not evaluate
     for name in ("a", "b"):
         with open(tmp_path / name / "log.jsonl", "a") as f:
             f.write(json.dumps({"event": "final", "step": 300}) + "\n")
-    assert fmnist.all_checkpoints(tmp_path) == [tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"]
+    assert fmnist.finished_checkpoints(tmp_path) == [tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"]
     assert fmnist.checkpoint(tmp_path, "b") == tmp_path / "b" / "ckpt.pt"
-    assert fmnist.all_checkpoints(tmp_path / "missing") == []
+    assert fmnist.finished_checkpoints(tmp_path / "missing") == []
 
 
 def test_refuses_without_the_dataset(monkeypatch, tmp_path, capsys):
