@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/explorer.py
+	$(BIN)/python bench/scale.py --markdown
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

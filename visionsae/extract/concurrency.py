@@ -41,7 +41,6 @@ class BackgroundWriter:
                 acts = fields.pop("acts")
                 if isinstance(acts, PendingCopy):
                     acts = acts.wait()  # the side stream's copies to pinned memory (this thread waits, not the GPU)
-                acts = {name: t.cpu() for name, t in acts.items()}  # CPU tensors pass through
                 self.writer.write_shard(shard, acts=acts, **fields)
                 self.written += 1
             except BaseException as err:  # re-raised in the caller's thread

@@ -112,25 +112,25 @@ def build_plan(cfg: ExtractConfig, local_rank: int = 0) -> Plan:
     memory_format = torch.preserve_format if bb.is_transformer else torch.channels_last
     bb.module.to(device=device, memory_format=memory_format)
     capture = Capture(bb, taps)
-    try:
+    try:  # every check below may refuse: the hooks must not stay on the caller's backbone
         blank_CHW = bb.transform(Image.new("RGB", (32, 32)))
         layers = capture.layer_specs(tuple(blank_CHW.shape[1:]))
+        positions = even_subset(len(source), cfg.limit)
+        amp_dtype = _autocast_dtype(device)
+        backbone_attrs = bb.attrs()
+        if cfg.model_kwargs:
+            backbone_attrs["kwargs"] = dict(cfg.model_kwargs)
+        spec = StoreSpec(
+            backbone=backbone_attrs, dataset=source.attrs(len(positions)), tokens=tokens, dtype=cfg.dtype,
+            layers=layers, images_per_shard=cfg.images_per_shard, format=cfg.format,
+            # what changes the numbers: a resume must repeat these (the writer checks)
+            extract={"batch_size": cfg.batch_size, "limit": cfg.limit, "device_type": device.type,
+                     "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None},
+        )
+        return Plan(bb, capture, source, positions, spec, device, amp_dtype, memory_format)
     except BaseException:
         capture.close()
         raise
-    positions = even_subset(len(source), cfg.limit)
-    amp_dtype = _autocast_dtype(device)
-    backbone_attrs = bb.attrs()
-    if cfg.model_kwargs:
-        backbone_attrs["kwargs"] = dict(cfg.model_kwargs)
-    spec = StoreSpec(
-        backbone=backbone_attrs, dataset=source.attrs(len(positions)), tokens=tokens, dtype=cfg.dtype,
-        layers=layers, images_per_shard=cfg.images_per_shard, format=cfg.format,
-        # what changes the numbers: a resume must repeat these (the writer checks)
-        extract={"batch_size": cfg.batch_size, "limit": cfg.limit, "device_type": device.type,
-                 "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None},
-    )
-    return Plan(bb, capture, source, positions, spec, device, amp_dtype, memory_format)
 
 
 def _device(choice: str, local_rank: int) -> torch.device:
