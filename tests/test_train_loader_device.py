@@ -44,7 +44,7 @@ def test_cpu_batches_are_the_scaled_stored_rows_in_stream_order(store):
     epoch = 0
     while len(order) < got.shape[0] * 10:
         for gi, shards in enumerate(loader.order.groups(epoch)):
-            base = np.concatenate([s * store.images_per_shard * T + loader.order.local_rows[s] for s in shards])
+            base = np.concatenate([s * store.images_per_shard * T + loader.order.local_rows(s) for s in shards])
             order += base[loader.order.perm(epoch, gi, base.size)].tolist()
         epoch += 1
     want = torch.from_numpy(rows[order[:got.shape[0] * 10]] * np.float32(1.5)).reshape(got.shape)

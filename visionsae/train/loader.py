@@ -76,13 +76,14 @@ class RowOrder:
         T = store.layer(layer).tokens_per_image
         is_train = np.zeros(store.n_images, dtype=bool)
         is_train[train_slots] = True
-        # Per shard: offsets (within the shard's rows) of its training rows.
-        self.local_rows: list[np.ndarray] = []
+        # Per shard: its training images (slot offsets within the shard); their rows are expanded per group
+        # when it is read, so the run holds one small int per training image, not an int64 per row.
+        self.T = T
+        self.local_slots: list[np.ndarray] = []
         for s in range(store.n_shards):
             a, b = store.shard_slots(s)
-            slots = np.flatnonzero(is_train[a:b])
-            self.local_rows.append((slots[:, None] * T + np.arange(T)[None, :]).reshape(-1))
-        self.counts = np.array([r.size for r in self.local_rows], dtype=np.int64)
+            self.local_slots.append(np.flatnonzero(is_train[a:b]).astype(np.int32))
+        self.counts = np.array([sl.size * T for sl in self.local_slots], dtype=np.int64)
         self.n_rows = int(self.counts.sum())
         if self.n_rows == 0:
             raise UserError(f"no training rows in {store.path} after holding out the validation images: "
@@ -103,7 +104,11 @@ class RowOrder:
     def buffer_rows(self, shards: np.ndarray, slots, chunk_rows: int) -> np.ndarray:
         """Rows of a group buffer (shard shards[i] in slot slots[i] of chunk_rows rows) holding the group's
         training rows, in the group's order: position j of the group is buffer row buffer_rows(...)[j]."""
-        return np.concatenate([slot * chunk_rows + self.local_rows[s] for slot, s in zip(slots, shards)])
+        return np.concatenate([slot * chunk_rows + self.local_rows(s) for slot, s in zip(slots, shards)])
+
+    def local_rows(self, shard: int) -> np.ndarray:
+        """int64 offsets, within shard ``shard``'s rows, of its training rows (image by image, token by token)."""
+        return (self.local_slots[shard][:, None].astype(np.int64) * self.T + np.arange(self.T)).reshape(-1)
 
     def locate(self, row: int) -> tuple[int, int, int]:
         """(epoch, group, offset) of stream position ``row``."""
