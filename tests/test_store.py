@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import zlib
 
 import numpy as np
 import pytest
 
+from conftest import mounted_tmpfs
 from visionsae.errors import StoreError
 from visionsae.store import LayerSpec, StoreSpec, StoreWriter, open_store, write_array_store
 
@@ -178,11 +178,7 @@ def test_overwrite_refuses_what_is_not_a_store(tmp_path):
 
 
 def test_full_disk_leaves_no_shard_marked_complete(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk path is untested")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "96k") as mnt:
         spec = StoreSpec(**{**_spec().__dict__, "layers": (LayerSpec("e", "e", "embedding", 64, 1, "embedding"),),
                             "dataset": {"id": "toy", "root": None, "split": "train", "n_images": 400, "classes": []}})
         x = _acts(400, 64)
@@ -198,9 +194,6 @@ def test_full_disk_leaves_no_shard_marked_complete(tmp_path):
         meta = json.loads((mnt / "s" / "zarr.json").read_text())
         assert meta["attributes"]["visionsae"]["complete"] is False
         w.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
 
 def test_resume_removes_temporaries_of_a_killed_writer(tmp_path):
     x = _acts(100, 4)
