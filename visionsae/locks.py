@@ -103,7 +103,13 @@ class OutputLock:
         return not _alive(int(holder.get("pid", 0)))
 
     def _refusal(self, fd: int) -> str:
-        h = _read_info(fd) or {}
+        h = _read_info(fd)
+        for _ in range(50):  # a holder that has just taken the lock writes who it is right after: wait for it
+            if h:
+                break
+            time.sleep(0.02)
+            h = _read_info(fd)
+        h = h or {}
         who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('since', '?')}"
         cmd = f": {h['command']}" if h.get("command") else ""
         return (f"{self.target} is being written by another {h.get('what', 'process')} ({who}{cmd}); wait for it "
