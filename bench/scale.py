@@ -30,67 +30,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
+
+import synthetic_store
+from synthetic_store import LAYER, Shape, ShardRows, exact_stats
 
 IPS, T, D, GROUP, BATCH = 4, 1, 16, 64, 64
 
 
 def write_store(path: Path, n_shards: int) -> None:
-    """A complete float16 store of n_shards shards, by cache_layout.md, without visionsae's writer."""
-    import zarr
-
-    n = n_shards * IPS
+    """A complete float16 store of n_shards shards (random rows), by cache_layout.md."""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n * T, D)).astype(np.float16)
-    labels = np.arange(n, dtype=np.int64) % 10
-    x64 = x.astype(np.float64)
-    root_attrs = {
-        "format": "visionsae-activations", "format_version": 1,
-        "backbone": {"id": "synthetic", "weights": "none", "fingerprint": None, "preprocessing": None},
-        "dataset": {"id": "synthetic", "root": None, "split": "train", "n_images": n,
-                    "classes": [str(c) for c in range(10)]},
-        "tokens": "cls", "dtype": "float16", "images_per_shard": IPS, "n_images": n, "n_shards": n_shards,
-        "layers": ["L"], "extract": {}, "complete": False, "n_skipped": 0}
-    root = zarr.open_group(str(path), mode="w", attributes={"visionsae": root_attrs})
-    raw = {"compressors": None, "filters": None, "fill_value": 0}
-    for name, dtype in (("index", "int64"), ("label", "int64"), ("valid", "uint8")):
-        root.create_array(f"images/{name}", shape=(n,), chunks=(IPS,), dtype=dtype, **raw)
-    layer = root.create_group("layers/L", attributes={"visionsae": {
-        "name": "L", "source": "synthetic", "kind": "embedding", "d": D, "tokens_per_image": T,
-        "token_kind": "embedding", "dtype": "float16", "count": n * T,
-        "mean_sq_norm": float((x64 ** 2).sum() / (n * T))}})
-    layer.create_array("acts", shape=(n * T, D), chunks=(IPS * T, D), dtype="float16", **raw)
-    layer.create_array("mean", shape=(D,), chunks=(D,), dtype="float64", **raw)
-    root.create_group("manifest")
-    # The chunk files and records: exactly the bytes the spec defines (section 2 and 6).
-    sums = np.zeros(D)
-    for s in range(n_shards):
-        a, b = s * IPS, (s + 1) * IPS
-        rows = x[a * T:b * T]
-        blobs = {f"images/index/c/{s}": np.arange(a, b, dtype="<i8").tobytes(),
-                 f"images/label/c/{s}": labels[a:b].astype("<i8").tobytes(),
-                 f"images/valid/c/{s}": np.ones(IPS, dtype="u1").tobytes(),
-                 f"layers/L/acts/c/{s}/0": rows.astype("<f2").tobytes()}
-        chunks = {}
-        for key, blob in blobs.items():
-            (path / key).parent.mkdir(parents=True, exist_ok=True)
-            (path / key).write_bytes(blob)
-            chunks[key] = {"nbytes": len(blob), "crc32": zlib.crc32(blob) & 0xFFFFFFFF}
-        r64 = rows.astype(np.float64)
-        sums += r64.sum(0)
-        record = {"shard": s, "slots": [a, b], "n_valid": IPS, "skipped": [], "chunks": chunks,
-                  "stats": {"L": {"count": len(rows), "sum": r64.sum(0).tolist(),
-                                  "sum_sq_norm": float((r64 ** 2).sum())}}}
-        rec_dir = path / "manifest" / f"shard-{s:06d}"
-        rec_dir.mkdir(parents=True, exist_ok=True)
-        (rec_dir / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                                       "attributes": {"visionsae": record}}))
-    (path / "layers/L/mean/c").mkdir(parents=True, exist_ok=True)
-    (path / "layers/L/mean/c/0").write_bytes((sums / (n * T)).astype("<f8").tobytes())
-    root.attrs["visionsae"] = {**root_attrs, "complete": True}
+
+    def shard(s: int) -> ShardRows:
+        rows_RD = rng.standard_normal((IPS * T, D)).astype(np.float16)
+        return ShardRows(rows_RD, np.arange(s * IPS, (s + 1) * IPS, dtype=np.int64) % 10, *exact_stats(rows_RD))
+
+    synthetic_store.write_store(path, Shape(n_shards, IPS, T, D), shard)
 
 
 def open_fds() -> int:
@@ -112,7 +70,7 @@ def measure(path: Path) -> dict:
     store = open_store(path)
     out["open_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    store.layer("L")
+    store.layer(LAYER)
     out["manifest_s"] = time.perf_counter() - t
     t = time.perf_counter()
     store.verify()
@@ -121,7 +79,7 @@ def measure(path: Path) -> dict:
     t = time.perf_counter()
     store = open_store(path)
     train, _ = make_split(store, 0.0, seed=0)
-    loader = Loader(store, "L", train, batch_size=BATCH, seed=0, device=torch.device("cpu"), scale=1.0,
+    loader = Loader(store, LAYER, train, batch_size=BATCH, seed=0, device=torch.device("cpu"), scale=1.0,
                     preload=False, buffer_bytes=1, group_shards=GROUP)
     it = loader.batches(0)
     next(it)
