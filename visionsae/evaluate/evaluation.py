@@ -9,6 +9,7 @@ only when the store has labels and probe budgets were asked for).
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -141,55 +142,62 @@ def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.dev
     im = _select_images(group, cfg)
     budgets = sorted(cfg.probe_budgets)
     n_classes = _n_classes(store, probe_src)
-    evals = [ModelEval(ck, info, im.other.d if im.other else info.d, n_classes, tuple(cfg.k_sweep),
-                       max(budgets, default=1), cfg.top_images, device, cfg.image_pooling)
-             for ck in group.checkpoints]
+    probing = im.probe_skip is None
     per_batch = max(1, cfg.batch_rows // T)
     name = f"{Path(store.path).name}/{group.layer}"
-    raw_eval, raw_train = [], []  # image-level raw activations, for the reference probe
+    with tempfile.TemporaryDirectory(prefix="sae-eval-codes-") as spill:
+        evals = [ModelEval(ck, info, im.other.d if im.other else info.d, n_classes, tuple(cfg.k_sweep),
+                           max(budgets, default=1), cfg.top_images, device, cfg.image_pooling, probing,
+                           Path(spill) / f"c{i}")
+                 for i, ck in enumerate(group.checkpoints)]
+        y_eval = store.labels[im.held_out]
+        raw_score = None
+        if probing:
+            # The probe-training images first (at most probe_train_images of them): the raw-activation probe is
+            # then fitted before the held-out pass, which scores it batch by batch instead of keeping every
+            # held-out image's vector (d floats per image).
+            raw_train = []
+            for part in _batches(len(im.probe_train), per_batch, f"{name} probe-train", cfg.progress):
+                x_RD = torch.from_numpy(probe_src.read_slots(group.layer, im.probe_train[part])).to(device)
+                raw_train.append(image_vectors(x_RD, T, info.token_kind).cpu().numpy())
+                for ev in evals:
+                    ev.update_train(x_RD)
+            y_train = probe_src.labels[im.probe_train]
+            raw_score = probes.StreamedScore(*probes.fit(np.concatenate(raw_train), y_train, cfg.seed))
+            del raw_train
 
-    # One pass over the held-out images serves every checkpoint and every metric.
-    for part in _batches(len(im.held_out), per_batch, f"{name} held-out", cfg.progress):
-        batch = im.held_out[part]
-        x_RD = torch.from_numpy(store.read_slots(group.layer, batch)).to(device)
-        img_ID = image_vectors(x_RD, T, info.token_kind)
-        e_IE = torch.from_numpy(im.other.vectors(im.other_slots[part])).to(device) if im.other else img_ID
-        if im.probe_skip is None:
-            raw_eval.append(img_ID.cpu().numpy())
-        slots_I, labels_I = torch.from_numpy(batch).to(device), torch.from_numpy(store.labels[batch]).to(device)
-        for ev in evals:
-            ev.update_eval(x_RD, e_IE, slots_I, labels_I)
-
-    if im.probe_skip is None:
-        for part in _batches(len(im.probe_train), per_batch, f"{name} probe-train", cfg.progress):
-            x_RD = torch.from_numpy(probe_src.read_slots(group.layer, im.probe_train[part])).to(device)
-            raw_train.append(image_vectors(x_RD, T, info.token_kind).cpu().numpy())
+        # One pass over the held-out images serves every checkpoint and every metric.
+        for part in _batches(len(im.held_out), per_batch, f"{name} held-out", cfg.progress):
+            batch = im.held_out[part]
+            x_RD = torch.from_numpy(store.read_slots(group.layer, batch)).to(device)
+            img_ID = image_vectors(x_RD, T, info.token_kind)
+            e_IE = torch.from_numpy(im.other.vectors(im.other_slots[part])).to(device) if im.other else img_ID
+            if raw_score is not None:
+                raw_score.update(img_ID.cpu().numpy(), y_eval[part])
+            slots_I, labels_I = torch.from_numpy(batch).to(device), torch.from_numpy(y_eval[part]).to(device)
             for ev in evals:
-                ev.update_train(x_RD)
+                ev.update_eval(x_RD, e_IE, slots_I, labels_I)
 
-    y_eval = store.labels[im.held_out]
-    test = y_eval >= 0
-    if im.probe_skip is None:
-        y_train = probe_src.labels[im.probe_train]
-        raw = probes.fit_score(np.concatenate(raw_train), y_train, np.concatenate(raw_eval)[test], y_eval[test],
-                               cfg.seed)
-        chance = probes.chance_accuracy(y_train, y_eval[test])
-    results = []
-    for ev in evals:
-        summary, tables = ev.finish(store.labels)
-        if im.probe_skip is None:
-            vals, idx = ev.codes_eval.result()
-            accs = probes.run_probes(ev.codes_train.result(), y_train, (vals[test], idx[test]), y_eval[test],
-                                     budgets, ev.n_latents, cfg.seed)
-            summary["probes"] = {"budgets": {str(m): v for m, v in accs.items()}, "raw": raw, "chance": chance,
-                                 "n_train": int(im.probe_train.size), "n_test": int(test.sum())}
-        else:
-            summary["probes"] = {"skipped": im.probe_skip}
-        ck = ev.ck
-        summary = {"name": ck.name, "path": str(ck.path), "config": ck.config, "train": ck.meta.get("train"),
-                   "step": ck.meta.get("step"), "train_metrics": ck.meta.get("metrics"), "layer": group.layer,
-                   **summary, "latents": _latent_lists(tables)}
-        results.append(CheckpointResult(ck.name, str(ck.path), summary, tables, index))
+        test = y_eval >= 0
+        if probing:
+            raw = raw_score.result()
+            chance = probes.chance_accuracy(y_train, y_eval[test])
+        results = []
+        for ev in evals:
+            summary, tables = ev.finish(store.labels)
+            if probing:
+                accs = probes.run_probes(ev.codes_train.result(), y_train, ev.codes_eval.result(), y_eval,
+                                         budgets, ev.n_latents, cfg.seed)
+                ev.codes_eval.close()
+                summary["probes"] = {"budgets": {str(m): v for m, v in accs.items()}, "raw": raw, "chance": chance,
+                                     "n_train": int(im.probe_train.size), "n_test": int(test.sum())}
+            else:
+                summary["probes"] = {"skipped": im.probe_skip}
+            ck = ev.ck
+            summary = {"name": ck.name, "path": str(ck.path), "config": ck.config, "train": ck.meta.get("train"),
+                       "step": ck.meta.get("step"), "train_metrics": ck.meta.get("metrics"), "layer": group.layer,
+                       **summary, "latents": _latent_lists(tables)}
+            results.append(CheckpointResult(ck.name, str(ck.path), summary, tables, index))
     return GroupInfo(store, group.layer, _group_summary(group, im, cfg)), results
 
 
