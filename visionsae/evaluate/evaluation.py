@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from visionsae.errors import UserError
 from visionsae.evaluate import probes
-from visionsae.evaluate.config import EvalConfig, check_memory
+from visionsae.evaluate.config import EvalConfig, GroupShape, check_memory
 from visionsae.evaluate.embeddings import OtherEmbeddings, image_vectors
 from visionsae.evaluate.inputs import Group, eval_slots, group_checkpoints, load_checkpoints, probe_train_slots
 from visionsae.evaluate.model_eval import LatentTables, ModelEval
@@ -67,11 +67,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     cfg.validate()
     device = resolve_device(cfg.device)
     checkpoints = load_checkpoints(cfg.checkpoints, device)
-    check_memory(cfg, [int(ck.config["n_latents"]) for ck in checkpoints], *_device_memory(device))
     groups = group_checkpoints(checkpoints, cfg.store)
+    images = [_select_images(group, cfg) for group in groups]
+    check_memory(cfg, [_shape(group, im, cfg) for group, im in zip(groups, images)], *_device_memory(device))
     infos, results = [], []
-    for g, group in enumerate(groups):
-        info, res = _evaluate_group(group, g, cfg, device)
+    for g, (group, im) in enumerate(zip(groups, images)):
+        info, res = _evaluate_group(group, im, g, cfg, device)
         infos.append(info)
         results.extend(res)
     order = {str(Path(p)): i for i, p in enumerate(cfg.checkpoints)}
@@ -79,11 +80,22 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     return EvalResult(cfg, infos, results)
 
 
-def _device_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}"
+def _device_memory(device: torch.device) -> tuple[int, str, int | None]:
+    """(device bytes, its name, host bytes or None where the device is the host)."""
     import os
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}", host
+    return host, "this machine's memory", None
+
+
+def _shape(group: Group, im: "_Images", cfg: EvalConfig) -> GroupShape:
+    info = group.store.layer(group.layer)
+    return GroupShape(n_latents=[int(ck.config["n_latents"]) for ck in group.checkpoints],
+                      softk=[ck.config.get("arch") == "softk" for ck in group.checkpoints], d=info.d,
+                      tokens=info.tokens_per_image, n_classes=_n_classes(group.store, group.probe_store),
+                      d_embed=im.other.d if im.other else info.d,
+                      probe_train=int(im.probe_train.size) if im.probe_skip is None else 0)
 
 
 @dataclasses.dataclass
@@ -99,7 +111,10 @@ class _Images:
 
 
 def _select_images(group: Group, cfg: EvalConfig) -> _Images:
-    store = group.store
+    store, info = group.store, group.store.layer(group.layer)
+    if cfg.image_pooling == "cls" and info.tokens_per_image > 1 and info.token_kind != "all":
+        raise UserError(f"--image-pooling cls reads each image's class token, but layer '{group.layer}' of "
+                        f"{store.path} holds '{info.token_kind}' tokens: extract with --tokens all, or use max")
     slots = eval_slots(group, cfg.max_images, cfg.seed)
     other, other_slots, n_no_embedding = None, None, 0
     if cfg.ms_embeddings:
@@ -132,14 +147,10 @@ def _n_classes(*stores: Store | None) -> int:
     return n
 
 
-def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.device
+def _evaluate_group(group: Group, im: _Images, index: int, cfg: EvalConfig, device: torch.device
                     ) -> tuple[GroupInfo, list[CheckpointResult]]:
     store, info, probe_src = group.store, group.store.layer(group.layer), group.probe_store
     T = info.tokens_per_image
-    if cfg.image_pooling == "cls" and T > 1 and info.token_kind != "all":
-        raise UserError(f"--image-pooling cls reads each image's class token, but layer '{group.layer}' of "
-                        f"{store.path} holds '{info.token_kind}' tokens: extract with --tokens all, or use max")
-    im = _select_images(group, cfg)
     budgets = sorted(cfg.probe_budgets)
     n_classes = _n_classes(store, probe_src)
     probing = im.probe_skip is None
