@@ -175,3 +175,20 @@ def test_refuses_in_one_line_what_cannot_fit():
     with pytest.raises(UserError, match=r"this machine's memory has 2\.0 GiB.*probe_fit"):
         eval_config.check_memory(EvalConfig(["x"]), [_shape()], 40 * 2**30, "the GPU", 2 * 2**30)
     assert math.isfinite(eval_config.peak_memory(eval_config.eval_memory(cfg, [_shape()]), False)[0])
+
+
+def test_ms_embeddings_are_read_a_batch_of_rows_at_a_time(grown, tmp_path):
+    """--ms-embeddings may hold many tokens per image: its vectors are read max_rows rows at a time, the same."""
+    from visionsae.evaluate.embeddings import OtherEmbeddings
+    store, _ = grown
+    n = store.n_images
+    rng = np.random.default_rng(6)
+    other = write_array_store(tmp_path / "other", {"tok": rng.normal(size=(n * 5, 12)).astype(np.float32)},
+                              store.labels, tokens_per_image=5, images_per_shard=100,
+                              classes=[f"c{c}" for c in range(N_CLASSES)])
+    emb = OtherEmbeddings(str(other.path), None, store)
+    slots = emb.slots_for(store.image_index[np.arange(3, 300, 7)])
+    whole = emb.vectors(slots)
+    assert whole.shape == (len(slots), 12)
+    np.testing.assert_array_equal(emb.vectors(slots, max_rows=5 * 4), whole)
+    np.testing.assert_array_equal(emb.vectors(slots, max_rows=1), whole)  # at least one whole image

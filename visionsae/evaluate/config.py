@@ -80,6 +80,7 @@ class GroupShape:
     n_classes: int
     d_embed: int  # width of the MS embeddings
     probe_train: int  # probe-training images (0: no probes)
+    embed_tokens: int = 0  # rows per image of the --ms-embeddings layer (0: none, the evaluated layer's own)
 
 
 def eval_memory(cfg: EvalConfig, groups: list[GroupShape]) -> dict[str, int]:
@@ -110,7 +111,9 @@ def eval_memory(cfg: EvalConfig, groups: list[GroupShape]) -> dict[str, int]:
             n * (12 * M + 12 * _SAMPLE + 4 * _HIST_BINS + 8 * g.n_classes + 8 * (g.d_embed + 4) + 48)
             + (n * _K_BIN_BYTES if soft else 0) for n, soft in cks))
         rows = max(g.tokens, B // g.tokens * g.tokens)  # whole images per batch
-        out["batch"] = max(out["batch"], max(rows * n * _BATCH_ENTRY + n * M * 24 + rows * g.d * 16
+        # --ms-embeddings rows are read batch_rows at a time (whole images) beside the batch
+        other = max(B, g.embed_tokens) * g.d_embed * 8 if g.embed_tokens else 0
+        out["batch"] = max(out["batch"], max(rows * n * _BATCH_ENTRY + n * M * 24 + rows * g.d * 16 + other
                                              for n in g.n_latents))
         out["tables"] += sum(n * (12 * M + 8 * _HIST_BINS + 8 * _SAMPLE + 224) for n in g.n_latents)
         out["finishing"] = max(out["finishing"], max(n * (8 * _HIST_BINS + 24 * g.n_classes) for n in g.n_latents))

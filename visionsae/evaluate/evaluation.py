@@ -95,7 +95,8 @@ def _shape(group: Group, im: "_Images", cfg: EvalConfig) -> GroupShape:
                       softk=[ck.config.get("arch") == "softk" for ck in group.checkpoints], d=info.d,
                       tokens=info.tokens_per_image, n_classes=_n_classes(group.store, group.probe_store),
                       d_embed=im.other.d if im.other else info.d,
-                      probe_train=int(im.probe_train.size) if im.probe_skip is None else 0)
+                      probe_train=int(im.probe_train.size) if im.probe_skip is None else 0,
+                      embed_tokens=im.other.info.tokens_per_image if im.other else 0)
 
 
 @dataclasses.dataclass
@@ -182,7 +183,8 @@ def _evaluate_group(group: Group, im: _Images, index: int, cfg: EvalConfig, devi
             batch = im.held_out[part]
             x_RD = torch.from_numpy(store.read_slots(group.layer, batch)).to(device)
             img_ID = image_vectors(x_RD, T, info.token_kind)
-            e_IE = torch.from_numpy(im.other.vectors(im.other_slots[part])).to(device) if im.other else img_ID
+            e_IE = (torch.from_numpy(im.other.vectors(im.other_slots[part], cfg.batch_rows)).to(device) if im.other
+                    else img_ID)
             if raw_score is not None:
                 raw_score.update(img_ID.cpu().numpy(), y_eval[part])
             slots_I, labels_I = torch.from_numpy(batch).to(device), torch.from_numpy(y_eval[part]).to(device)
