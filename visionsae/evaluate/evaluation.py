@@ -1,9 +1,14 @@
 """One evaluation: every checkpoint of a store layer measured on one pass over its held-out images.
 
 ``evaluate(cfg)`` computes and returns the results; ``run(cfg)`` also writes the report directory.
-Per group of checkpoints (same store and layer) the data is read twice at most: the held-out
-images once (all metrics, for all checkpoints), then the probe-training images once (their codes,
-only when the store has labels and probe budgets were asked for).
+Per group of checkpoints (same store and layer) the data is read twice at most: the probe-training
+images once (their codes and raw vectors, only when the store has labels and probe budgets were
+asked for; the raw probe is fitted on them), then the held-out images once (all metrics, for all
+checkpoints, and the raw probe's score).
+
+Memory is bounded by latents, batch and settings, never by the rows (config.eval_memory has the
+terms, checked before any pass): every metric is a running sum or a per-latent table, and the one
+thing kept per held-out image, its top codes for the probes, goes to a temporary file (TMPDIR).
 """
 
 from __future__ import annotations
