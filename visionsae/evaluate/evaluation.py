@@ -73,11 +73,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     device = resolve_device(cfg.device)
     checkpoints = load_checkpoints(cfg.checkpoints, device)
     groups = group_checkpoints(checkpoints, cfg.store)
-    images = [_select_images(group, cfg) for group in groups]
-    check_memory(cfg, [_shape(group, im, cfg) for group, im in zip(groups, images)], *_device_memory(device))
+    others = [_other_embeddings(group, cfg) for group in groups]
+    # before any shard is verified or read: the tables depend on the settings, not on the images chosen
+    check_memory(cfg, [_shape(group, other, cfg) for group, other in zip(groups, others)], *_device_memory(device))
     infos, results = [], []
-    for g, (group, im) in enumerate(zip(groups, images)):
-        info, res = _evaluate_group(group, im, g, cfg, device)
+    for g, (group, other) in enumerate(zip(groups, others)):
+        info, res = _evaluate_group(group, _select_images(group, other, cfg), g, cfg, device)
         infos.append(info)
         results.extend(res)
     order = {str(Path(p)): i for i, p in enumerate(cfg.checkpoints)}
@@ -94,14 +95,17 @@ def _device_memory(device: torch.device) -> tuple[int, str, int | None]:
     return host, "this machine's memory", None
 
 
-def _shape(group: Group, im: "_Images", cfg: EvalConfig) -> GroupShape:
+def _shape(group: Group, other: OtherEmbeddings | None, cfg: EvalConfig) -> GroupShape:
+    """What the group's tables are sized by; the probe-training images at their cap."""
     info = group.store.layer(group.layer)
+    probing = bool(cfg.probe_budgets) and group.probe_store is not None
+    cap = min(cfg.probe_train_images, cfg.max_images or cfg.probe_train_images)
     return GroupShape(n_latents=[int(ck.config["n_latents"]) for ck in group.checkpoints],
                       softk=[ck.config.get("arch") == "softk" for ck in group.checkpoints], d=info.d,
                       tokens=info.tokens_per_image, n_classes=_n_classes(group.store, group.probe_store),
-                      d_embed=im.other.d if im.other else info.d,
-                      probe_train=int(im.probe_train.size) if im.probe_skip is None else 0,
-                      embed_tokens=im.other.info.tokens_per_image if im.other else 0)
+                      d_embed=other.d if other else info.d,
+                      probe_train=cap if probing else 0,
+                      embed_tokens=other.info.tokens_per_image if other else 0)
 
 
 @dataclasses.dataclass
@@ -116,15 +120,20 @@ class _Images:
     probe_skip: str | None  # why there are no probes, or None
 
 
-def _select_images(group: Group, cfg: EvalConfig) -> _Images:
+def _other_embeddings(group: Group, cfg: EvalConfig) -> OtherEmbeddings | None:
+    """The group's --ms-embeddings store (None: its own layer), after the checks that need no image."""
     store, info = group.store, group.store.layer(group.layer)
     if cfg.image_pooling == "cls" and info.tokens_per_image > 1 and info.token_kind != "all":
         raise UserError(f"--image-pooling cls reads each image's class token, but layer '{group.layer}' of "
                         f"{store.path} holds '{info.token_kind}' tokens: extract with --tokens all, or use max")
+    return OtherEmbeddings(cfg.ms_embeddings, cfg.ms_embeddings_layer, store) if cfg.ms_embeddings else None
+
+
+def _select_images(group: Group, other: OtherEmbeddings | None, cfg: EvalConfig) -> _Images:
+    store = group.store
     slots = eval_slots(group, cfg.max_images, cfg.seed)
-    other, other_slots, n_no_embedding = None, None, 0
-    if cfg.ms_embeddings:
-        other = OtherEmbeddings(cfg.ms_embeddings, cfg.ms_embeddings_layer, store)
+    other_slots, n_no_embedding = None, 0
+    if other is not None:
         other_slots = other.slots_for(store.image_index[slots])
         keep = other_slots >= 0
         n_no_embedding = int((~keep).sum())
