@@ -192,3 +192,15 @@ def test_ms_embeddings_are_read_a_batch_of_rows_at_a_time(grown, tmp_path):
     assert whole.shape == (len(slots), 12)
     np.testing.assert_array_equal(emb.vectors(slots, max_rows=5 * 4), whole)
     np.testing.assert_array_equal(emb.vectors(slots, max_rows=1), whole)  # at least one whole image
+
+
+def test_a_full_disk_for_the_spilled_codes_is_one_line(tmp_path):
+    from conftest import mounted_tmpfs
+    with mounted_tmpfs(tmp_path / "small", "64k") as small:
+        codes = TopCodes(8, small / "c0")
+        acts = torch.rand(1024, 8)
+        with pytest.raises(UserError) as err:
+            for _ in range(64):  # 64 KB each
+                codes.update_rows(acts, torch.arange(8).expand(1024, 8))
+        assert "\n" not in str(err.value) and "TMPDIR" in str(err.value) and "64 bytes per image" in str(err.value)
+        codes.close()
