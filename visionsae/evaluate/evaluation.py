@@ -74,11 +74,15 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     checkpoints = load_checkpoints(cfg.checkpoints, device)
     groups = group_checkpoints(checkpoints, cfg.store)
     others = [_other_embeddings(group, cfg) for group in groups]
-    # before any shard is verified or read: the tables depend on the settings, not on the images chosen
-    check_memory(cfg, [_shape(group, other, cfg) for group, other in zip(groups, others)], *_device_memory(device))
+    memory = _device_memory(device)
+    # Once before any shard is verified (the settings alone: a wrong --batch-rows is refused at once), and
+    # again with the class counts, read from labels only after their shards' checksums are checked.
+    check_memory(cfg, [_shape(group, other, cfg, 0) for group, other in zip(groups, others)], *memory)
+    images = [_select_images(group, other, cfg) for group, other in zip(groups, others)]
+    check_memory(cfg, [_shape(group, other, cfg) for group, other in zip(groups, others)], *memory)
     infos, results = [], []
-    for g, (group, other) in enumerate(zip(groups, others)):
-        info, res = _evaluate_group(group, _select_images(group, other, cfg), g, cfg, device)
+    for g, (group, im) in enumerate(zip(groups, images)):
+        info, res = _evaluate_group(group, im, g, cfg, device)
         infos.append(info)
         results.extend(res)
     order = {str(Path(p)): i for i, p in enumerate(cfg.checkpoints)}
@@ -95,14 +99,18 @@ def _device_memory(device: torch.device) -> tuple[int, str, int | None]:
     return host, "this machine's memory", None
 
 
-def _shape(group: Group, other: OtherEmbeddings | None, cfg: EvalConfig) -> GroupShape:
-    """What the group's tables are sized by; the probe-training images at their cap."""
+def _shape(group: Group, other: OtherEmbeddings | None, cfg: EvalConfig, n_classes: int | None = None
+           ) -> GroupShape:
+    """What the group's tables are sized by; the probe-training images at their cap; the classes from the
+    store's labels unless given."""
     info = group.store.layer(group.layer)
     probing = bool(cfg.probe_budgets) and group.probe_store is not None
     cap = min(cfg.probe_train_images, cfg.max_images or cfg.probe_train_images)
+    if n_classes is None:
+        n_classes = _n_classes(group.store, group.probe_store)
     return GroupShape(n_latents=[int(ck.config["n_latents"]) for ck in group.checkpoints],
                       softk=[ck.config.get("arch") == "softk" for ck in group.checkpoints], d=info.d,
-                      tokens=info.tokens_per_image, n_classes=_n_classes(group.store, group.probe_store),
+                      tokens=info.tokens_per_image, n_classes=n_classes,
                       d_embed=other.d if other else info.d,
                       probe_train=cap if probing else 0,
                       embed_tokens=other.info.tokens_per_image if other else 0)
