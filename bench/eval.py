@@ -6,15 +6,21 @@
 2. Evaluation throughput: held-out rows per second of a full evaluation (all metrics, k-sweep,
    MS, purity; probes off so that scikit-learn's fitting time is measured separately) of one and of
    several Top-k checkpoints in one pass, on a synthetic store of realistic width.
+3. Memory against rows (``--only memory``): the peak of numpy memory (tracemalloc) and of the resident set
+   (Linux VmHWM, reset before each run; it also counts the store pages read through memory maps, which the
+   kernel can drop) of ``evaluate`` with probes on held-out sets growing 4x at a time, beside sae-eval's own
+   estimate of what it holds (config.eval_memory), which has no row count in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -102,20 +108,79 @@ def bench_throughput(n_rows: int, d: int, n_latents: int, k: int, n_ckpts: int, 
               f"{wall:.1f} | {n_rows / wall:.0f} | {wall / limit:.1f} |")
 
 
+def _rss_peak_reset() -> tuple[int, int] | None:
+    """(resident-set high-water mark, resident set now) in bytes, then the mark is reset to now; None where
+    /proc does not offer it."""
+    try:
+        status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                  if line.startswith(("VmHWM", "VmRSS"))}
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status["VmHWM"], status["VmRSS"]
+    except (OSError, KeyError):
+        return None
+
+
+def bench_memory(images: list[int], tokens: int, d: int, n_latents: int, k: int, batch_rows: int) -> None:
+    from visionsae.evaluate.config import GroupShape, eval_memory, peak_memory
+    print(f"\n## Memory against rows: {tokens} tokens per image, d = {d}, {n_latents} latents, Top-k and SoftSAE "
+          f"k = {k}, batch {batch_rows} rows, probes at budgets 1,8 on 1000 training images")
+    print("| held-out rows | rows' bytes (MiB) | numpy peak (MiB) | RSS peak above its start (MiB) | estimate (MiB) |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    n_img = max(images) + 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        labels = rng.integers(0, 10, n_img)
+        x = rng.normal(size=(n_img * tokens, d)).astype(np.float32)
+        store = write_array_store(tmp / "store", {"tok": x}, labels, tokens_per_image=tokens, images_per_shard=512)
+        del x
+        rec = {"path": str(store.path), "fingerprint": store.fingerprint, "layer": "tok", "d": d}
+        for n in images:
+            cks = []
+            for arch in ("topk", "softk"):
+                from visionsae.sae.registry import resolve_config
+                model = build_sae(resolve_config(arch, d, n_latents, k))
+                path = tmp / f"{arch}-{n}" / "ckpt.pt"
+                save_checkpoint(path, model, input_scale=1.0, store=rec, train={}, step=0, metrics={},
+                                split={"val_slots": torch.arange(n), "val_fraction": 0.5, "seed": 0})
+                cks.append(str(path))
+            cfg = EvalConfig(cks, k_sweep=(k // 2,), probe_budgets=(1, 8), probe_train_images=1000, device="cpu",
+                             batch_rows=batch_rows, progress=False)
+            evaluate(cfg)  # warm-up
+            gc.collect()
+            start = _rss_peak_reset()
+            tracemalloc.start()
+            evaluate(cfg)
+            numpy_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            end = _rss_peak_reset()
+            rss = end[0] - start[1] if start and end else None
+            shape = GroupShape([n_latents] * 2, [False, True], d, tokens, 10, d, 1000)
+            est = peak_memory(eval_memory(cfg, [shape]), False)[0]
+            rows = n * tokens
+            print(f"| {rows} | {rows * d * 4 / 2**20:.1f} | {numpy_peak / 2**20:.1f} | "
+                  f"{rss / 2**20 if rss is not None else float('nan'):.0f} | {est / 2**20:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, ~1 minute)")
     p.add_argument("--quad-budget", type=float, default=60.0, help="seconds a quadratic MS run may take")
+    p.add_argument("--only", choices=("ms", "throughput", "memory"), help="run one section")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
-    if args.quick:
-        bench_ms([250, 500, 1000], 32, 64, args.quad_budget)
-        bench_throughput(2048, 128, 1024, 16, 2, 1024)
-    else:
-        bench_ms([250, 500, 1000, 2000, 4000, 8000, 32000, 128000], 32, 512, args.quad_budget)
-        bench_throughput(16384, 768, 8192, 64, 3, 2048)
+    quick = args.quick
+    if args.only in (None, "ms"):
+        bench_ms([250, 500, 1000] if quick else [250, 500, 1000, 2000, 4000, 8000, 32000, 128000],
+                 32, 64 if quick else 512, args.quad_budget)
+    if args.only in (None, "throughput"):
+        bench_throughput(*((2048, 128, 1024, 16, 2, 1024) if quick else (16384, 768, 8192, 64, 3, 2048)))
+    if args.only in (None, "memory"):
+        bench_memory(*(([250, 1000, 4000], 16, 64, 512, 16, 1024) if quick
+                       else ([500, 2000, 8000], 16, 256, 4096, 32, 2048)))
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -324,3 +324,33 @@ def test_class_token_pooling_shows_the_values_images_were_ranked_by(explorer_run
     for lat in np.nonzero(t.top_vals_NM[:, 0] > 0)[0][:5]:
         shown = [v for _, v, _ in _chunk(Path(cls_cfg.out), 0, int(lat))["top"]]
         np.testing.assert_allclose(shown, t.top_vals_NM[lat, :len(shown)], rtol=1e-3)
+
+
+def test_quantised_heatmaps_are_within_one_level_of_the_exact_ones(explorer_run):
+    """The explorer keeps token activations as uint8 levels per (latent, image) pair (1 byte per token, not 4):
+    every heatmap is within one level of rint(255 a / the latent's largest shown activation), and exact on the
+    image that holds that largest activation."""
+    _, cfg, res, _, (tok, _), (a, _) = explorer_run
+    t = res.checkpoints[0].tables
+    n_heat = n_exact = 0
+    for lat in np.nonzero(t.top_vals_NM[:, 0] > 0)[0][:12]:
+        rec = _chunk(Path(cfg.out), 0, int(lat))
+        heats = rec.get("heat", {})
+        index = np.array([int(i) for i in heats])
+        slots = np.array([int(np.nonzero(tok.image_index == i)[0][0]) for i in index])
+        pv = compute.pair_values(a, tok, "block", slots, np.full(len(slots), lat), torch.device("cpu"), batch_rows=10)
+        q = compute.pair_values(a, tok, "block", slots, np.full(len(slots), lat), torch.device("cpu"), batch_rows=10,
+                                quantised=True)
+        np.testing.assert_array_equal(q.max_P, pv.tokens_PT.max(1))
+        np.testing.assert_array_equal(q.first_P, pv.tokens_PT[:, 0])
+        # under max pooling the top image holds the latent's largest activation, and every top image has a heatmap
+        scale = pv.tokens_PT.max()
+        for p, i in enumerate(index):
+            got = np.frombuffer(base64.b64decode(heats[str(i)]), dtype=np.uint8).astype(int)
+            want = np.clip(np.rint(255 * pv.tokens_PT[p, 1:] / np.float64(scale)), 0, 255)
+            assert np.abs(got - want).max() <= 1
+            if pv.tokens_PT[p].max() == scale:
+                np.testing.assert_array_equal(got, want)
+                n_exact += 1
+            n_heat += 1
+    assert n_heat > 12 and n_exact >= 1

@@ -54,9 +54,14 @@ class OtherEmbeddings:
         pos = np.minimum(np.searchsorted(self._index, dataset_index), len(self._index) - 1)
         return np.where(self._index[pos] == dataset_index, self._slot[pos], -1)
 
-    def vectors(self, other_slots: np.ndarray) -> np.ndarray:
-        x = self.store.read_slots(self.layer, other_slots)
-        return image_vectors(torch.from_numpy(x), self.info.tokens_per_image, self.info.token_kind).numpy()
+    def vectors(self, other_slots: np.ndarray, max_rows: int | None = None) -> np.ndarray:
+        """[I, E] image vectors of those slots, read ``max_rows`` store rows at a time (whole images): that
+        store may hold many more tokens per image than the evaluated layer, whose batch sizes the call."""
+        T = self.info.tokens_per_image
+        step = max(1, (max_rows or len(other_slots) * T) // T)
+        parts = [image_vectors(torch.from_numpy(self.store.read_slots(self.layer, other_slots[a:a + step])), T,
+                               self.info.token_kind).numpy() for a in range(0, len(other_slots), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.d), dtype=np.float32)
 
 
 def _embedding_layer(store: Store) -> str:

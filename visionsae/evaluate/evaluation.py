@@ -1,14 +1,20 @@
 """One evaluation: every checkpoint of a store layer measured on one pass over its held-out images.
 
 ``evaluate(cfg)`` computes and returns the results; ``run(cfg)`` also writes the report directory.
-Per group of checkpoints (same store and layer) the data is read twice at most: the held-out
-images once (all metrics, for all checkpoints), then the probe-training images once (their codes,
-only when the store has labels and probe budgets were asked for).
+Per group of checkpoints (same store and layer) the data is read twice at most: the probe-training
+images once (their codes and raw vectors, only when the store has labels and probe budgets were
+asked for; the raw probe is fitted on them), then the held-out images once (all metrics, for all
+checkpoints, and the raw probe's score).
+
+Memory is bounded by latents, batch and settings, never by the rows (config.eval_memory has the
+terms, checked before any pass): every metric is a running sum or a per-latent table, and the one
+thing kept per held-out image, its top codes for the probes, goes to a temporary file (TMPDIR).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +24,7 @@ from tqdm import tqdm
 
 from visionsae.errors import UserError
 from visionsae.evaluate import probes
-from visionsae.evaluate.config import EvalConfig, check_memory
+from visionsae.evaluate.config import EvalConfig, GroupShape, check_memory
 from visionsae.evaluate.embeddings import OtherEmbeddings, image_vectors
 from visionsae.evaluate.inputs import Group, eval_slots, group_checkpoints, load_checkpoints, probe_train_slots
 from visionsae.evaluate.model_eval import LatentTables, ModelEval
@@ -66,11 +72,17 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     cfg.validate()
     device = resolve_device(cfg.device)
     checkpoints = load_checkpoints(cfg.checkpoints, device)
-    check_memory(cfg, [int(ck.config["n_latents"]) for ck in checkpoints], *_device_memory(device))
     groups = group_checkpoints(checkpoints, cfg.store)
+    others = [_other_embeddings(group, cfg) for group in groups]
+    memory = _device_memory(device)
+    # Once before any shard is verified (the settings alone: a wrong --batch-rows is refused at once), and
+    # again with the class counts, read from labels only after their shards' checksums are checked.
+    check_memory(cfg, [_shape(group, other, cfg, 0) for group, other in zip(groups, others)], *memory)
+    images = [_select_images(group, other, cfg) for group, other in zip(groups, others)]
+    check_memory(cfg, [_shape(group, other, cfg) for group, other in zip(groups, others)], *memory)
     infos, results = [], []
-    for g, group in enumerate(groups):
-        info, res = _evaluate_group(group, g, cfg, device)
+    for g, (group, im) in enumerate(zip(groups, images)):
+        info, res = _evaluate_group(group, im, g, cfg, device)
         infos.append(info)
         results.extend(res)
     order = {str(Path(p)): i for i, p in enumerate(cfg.checkpoints)}
@@ -78,11 +90,30 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     return EvalResult(cfg, infos, results)
 
 
-def _device_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}"
+def _device_memory(device: torch.device) -> tuple[int, str, int | None]:
+    """(device bytes, its name, host bytes or None where the device is the host)."""
     import os
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the GPU {device}", host
+    return host, "this machine's memory", None
+
+
+def _shape(group: Group, other: OtherEmbeddings | None, cfg: EvalConfig, n_classes: int | None = None
+           ) -> GroupShape:
+    """What the group's tables are sized by; the probe-training images at their cap; the classes from the
+    store's labels unless given."""
+    info = group.store.layer(group.layer)
+    probing = bool(cfg.probe_budgets) and group.probe_store is not None
+    cap = min(cfg.probe_train_images, cfg.max_images or cfg.probe_train_images)
+    if n_classes is None:
+        n_classes = _n_classes(group.store, group.probe_store)
+    return GroupShape(n_latents=[int(ck.config["n_latents"]) for ck in group.checkpoints],
+                      softk=[ck.config.get("arch") == "softk" for ck in group.checkpoints], d=info.d,
+                      tokens=info.tokens_per_image, n_classes=n_classes,
+                      d_embed=other.d if other else info.d,
+                      probe_train=cap if probing else 0,
+                      embed_tokens=other.info.tokens_per_image if other else 0)
 
 
 @dataclasses.dataclass
@@ -97,12 +128,20 @@ class _Images:
     probe_skip: str | None  # why there are no probes, or None
 
 
-def _select_images(group: Group, cfg: EvalConfig) -> _Images:
+def _other_embeddings(group: Group, cfg: EvalConfig) -> OtherEmbeddings | None:
+    """The group's --ms-embeddings store (None: its own layer), after the checks that need no image."""
+    store, info = group.store, group.store.layer(group.layer)
+    if cfg.image_pooling == "cls" and info.tokens_per_image > 1 and info.token_kind != "all":
+        raise UserError(f"--image-pooling cls reads each image's class token, but layer '{group.layer}' of "
+                        f"{store.path} holds '{info.token_kind}' tokens: extract with --tokens all, or use max")
+    return OtherEmbeddings(cfg.ms_embeddings, cfg.ms_embeddings_layer, store) if cfg.ms_embeddings else None
+
+
+def _select_images(group: Group, other: OtherEmbeddings | None, cfg: EvalConfig) -> _Images:
     store = group.store
     slots = eval_slots(group, cfg.max_images, cfg.seed)
-    other, other_slots, n_no_embedding = None, None, 0
-    if cfg.ms_embeddings:
-        other = OtherEmbeddings(cfg.ms_embeddings, cfg.ms_embeddings_layer, store)
+    other_slots, n_no_embedding = None, 0
+    if other is not None:
         other_slots = other.slots_for(store.image_index[slots])
         keep = other_slots >= 0
         n_no_embedding = int((~keep).sum())
@@ -131,65 +170,69 @@ def _n_classes(*stores: Store | None) -> int:
     return n
 
 
-def _evaluate_group(group: Group, index: int, cfg: EvalConfig, device: torch.device
+def _evaluate_group(group: Group, im: _Images, index: int, cfg: EvalConfig, device: torch.device
                     ) -> tuple[GroupInfo, list[CheckpointResult]]:
     store, info, probe_src = group.store, group.store.layer(group.layer), group.probe_store
     T = info.tokens_per_image
-    if cfg.image_pooling == "cls" and T > 1 and info.token_kind != "all":
-        raise UserError(f"--image-pooling cls reads each image's class token, but layer '{group.layer}' of "
-                        f"{store.path} holds '{info.token_kind}' tokens: extract with --tokens all, or use max")
-    im = _select_images(group, cfg)
     budgets = sorted(cfg.probe_budgets)
     n_classes = _n_classes(store, probe_src)
-    evals = [ModelEval(ck, info, im.other.d if im.other else info.d, n_classes, tuple(cfg.k_sweep),
-                       max(budgets, default=1), cfg.top_images, device, cfg.image_pooling)
-             for ck in group.checkpoints]
+    probing = im.probe_skip is None
     per_batch = max(1, cfg.batch_rows // T)
     name = f"{Path(store.path).name}/{group.layer}"
-    raw_eval, raw_train = [], []  # image-level raw activations, for the reference probe
+    with tempfile.TemporaryDirectory(prefix="sae-eval-codes-") as spill:
+        evals = [ModelEval(ck, info, im.other.d if im.other else info.d, n_classes, tuple(cfg.k_sweep),
+                           max(budgets, default=1), cfg.top_images, device, cfg.image_pooling, probing,
+                           Path(spill) / f"c{i}")
+                 for i, ck in enumerate(group.checkpoints)]
+        y_eval = store.labels[im.held_out]
+        raw_score = None
+        if probing:
+            # The probe-training images first (at most probe_train_images of them): the raw-activation probe is
+            # then fitted before the held-out pass, which scores it batch by batch instead of keeping every
+            # held-out image's vector (d floats per image).
+            raw_train = []
+            for part in _batches(len(im.probe_train), per_batch, f"{name} probe-train", cfg.progress):
+                x_RD = torch.from_numpy(probe_src.read_slots(group.layer, im.probe_train[part])).to(device)
+                raw_train.append(image_vectors(x_RD, T, info.token_kind).cpu().numpy())
+                for ev in evals:
+                    ev.update_train(x_RD)
+            y_train = probe_src.labels[im.probe_train]
+            raw_score = probes.StreamedScore(*probes.fit(np.concatenate(raw_train), y_train, cfg.seed))
+            del raw_train
 
-    # One pass over the held-out images serves every checkpoint and every metric.
-    for part in _batches(len(im.held_out), per_batch, f"{name} held-out", cfg.progress):
-        batch = im.held_out[part]
-        x_RD = torch.from_numpy(store.read_slots(group.layer, batch)).to(device)
-        img_ID = image_vectors(x_RD, T, info.token_kind)
-        e_IE = torch.from_numpy(im.other.vectors(im.other_slots[part])).to(device) if im.other else img_ID
-        if im.probe_skip is None:
-            raw_eval.append(img_ID.cpu().numpy())
-        slots_I, labels_I = torch.from_numpy(batch).to(device), torch.from_numpy(store.labels[batch]).to(device)
-        for ev in evals:
-            ev.update_eval(x_RD, e_IE, slots_I, labels_I)
-
-    if im.probe_skip is None:
-        for part in _batches(len(im.probe_train), per_batch, f"{name} probe-train", cfg.progress):
-            x_RD = torch.from_numpy(probe_src.read_slots(group.layer, im.probe_train[part])).to(device)
-            raw_train.append(image_vectors(x_RD, T, info.token_kind).cpu().numpy())
+        # One pass over the held-out images serves every checkpoint and every metric.
+        for part in _batches(len(im.held_out), per_batch, f"{name} held-out", cfg.progress):
+            batch = im.held_out[part]
+            x_RD = torch.from_numpy(store.read_slots(group.layer, batch)).to(device)
+            img_ID = image_vectors(x_RD, T, info.token_kind)
+            e_IE = (torch.from_numpy(im.other.vectors(im.other_slots[part], cfg.batch_rows)).to(device) if im.other
+                    else img_ID)
+            if raw_score is not None:
+                raw_score.update(img_ID.cpu().numpy(), y_eval[part])
+            slots_I, labels_I = torch.from_numpy(batch).to(device), torch.from_numpy(y_eval[part]).to(device)
             for ev in evals:
-                ev.update_train(x_RD)
+                ev.update_eval(x_RD, e_IE, slots_I, labels_I)
 
-    y_eval = store.labels[im.held_out]
-    test = y_eval >= 0
-    if im.probe_skip is None:
-        y_train = probe_src.labels[im.probe_train]
-        raw = probes.fit_score(np.concatenate(raw_train), y_train, np.concatenate(raw_eval)[test], y_eval[test],
-                               cfg.seed)
-        chance = probes.chance_accuracy(y_train, y_eval[test])
-    results = []
-    for ev in evals:
-        summary, tables = ev.finish(store.labels)
-        if im.probe_skip is None:
-            vals, idx = ev.codes_eval.result()
-            accs = probes.run_probes(ev.codes_train.result(), y_train, (vals[test], idx[test]), y_eval[test],
-                                     budgets, ev.n_latents, cfg.seed)
-            summary["probes"] = {"budgets": {str(m): v for m, v in accs.items()}, "raw": raw, "chance": chance,
-                                 "n_train": int(im.probe_train.size), "n_test": int(test.sum())}
-        else:
-            summary["probes"] = {"skipped": im.probe_skip}
-        ck = ev.ck
-        summary = {"name": ck.name, "path": str(ck.path), "config": ck.config, "train": ck.meta.get("train"),
-                   "step": ck.meta.get("step"), "train_metrics": ck.meta.get("metrics"), "layer": group.layer,
-                   **summary, "latents": _latent_lists(tables)}
-        results.append(CheckpointResult(ck.name, str(ck.path), summary, tables, index))
+        test = y_eval >= 0
+        if probing:
+            raw = raw_score.result()
+            chance = probes.chance_accuracy(y_train, y_eval[test])
+        results = []
+        for ev in evals:
+            summary, tables = ev.finish(store.labels)
+            if probing:
+                accs = probes.run_probes(ev.codes_train.result(), y_train, ev.codes_eval.result(), y_eval,
+                                         budgets, ev.n_latents, cfg.seed)
+                ev.codes_eval.close()
+                summary["probes"] = {"budgets": {str(m): v for m, v in accs.items()}, "raw": raw, "chance": chance,
+                                     "n_train": int(im.probe_train.size), "n_test": int(test.sum())}
+            else:
+                summary["probes"] = {"skipped": im.probe_skip}
+            ck = ev.ck
+            summary = {"name": ck.name, "path": str(ck.path), "config": ck.config, "train": ck.meta.get("train"),
+                       "step": ck.meta.get("step"), "train_metrics": ck.meta.get("metrics"), "layer": group.layer,
+                       **summary, "latents": _latent_lists(tables)}
+            results.append(CheckpointResult(ck.name, str(ck.path), summary, tables, index))
     return GroupInfo(store, group.layer, _group_summary(group, im, cfg)), results
 
 

@@ -28,6 +28,9 @@ DENSE_FRACTION = 0.1
 MASS_SHARE = 0.9
 # Width of one bin of the log10 firing-density histogram, in decades.
 DENSITY_BIN_WIDTH = 0.25
+# SoftSAE's per-input k is continuous: its quantiles are read from bins 1 / K_BINS_PER_UNIT wide
+# (a power of two, so k * K_BINS_PER_UNIT is exact and each bin lies inside one integer bin).
+K_BINS_PER_UNIT = 256
 
 
 class ReconAccumulator:
@@ -143,7 +146,8 @@ class SparsityAccumulator:
         self.sum_kept_mass = torch.zeros((), dtype=torch.float64, device=device)
         self.n_conc = 0
         self.n_kept = 0
-        self.k_values: list[np.ndarray] = []
+        # SoftSAE's per-row k as a bounded summary (it was a float64 per row, 2 GB at 252M rows)
+        self.k_dist: KDistribution | None = None
 
     @torch.no_grad()
     def update(self, z_BN: torch.Tensor, acts_BK: torch.Tensor, idx_BK: torch.Tensor,
@@ -163,7 +167,8 @@ class SparsityAccumulator:
         self.sum_kept_mass += kept_mass_B[ok_B].sum()
         self.n_kept += int(ok_B.sum())
         if k_B is not None:
-            self.k_values.append(k_B.detach().to("cpu", torch.float64).reshape(-1).numpy())
+            self.k_dist = self.k_dist or KDistribution()
+            self.k_dist.update(k_B.detach().to("cpu", torch.float64).reshape(-1).numpy())
 
     def result(self) -> dict:
         if self.n == 0:
@@ -184,8 +189,8 @@ class SparsityAccumulator:
             "mass_share": MASS_SHARE,
             "density_histogram": density_histogram(density_N[live], self.n),
         }
-        if self.k_values:
-            out["k_distribution"] = k_distribution(np.concatenate(self.k_values))
+        if self.k_dist is not None and self.k_dist.n:
+            out["k_distribution"] = self.k_dist.result()
         return out
 
     def density_N(self) -> np.ndarray:
@@ -203,7 +208,8 @@ def density_histogram(density_N: np.ndarray, n_rows: int) -> dict:
 
 
 def k_distribution(k_R: np.ndarray) -> dict:
-    """Summary and integer-bin histogram of the per-input k of a SoftSAE."""
+    """Summary and integer-bin histogram of the per-input k of a SoftSAE, from all values in memory (the
+    definition KDistribution streams; sae-eval uses KDistribution)."""
     q = np.quantile(k_R, [0.05, 0.25, 0.5, 0.75, 0.95])
     lo, hi = int(math.floor(k_R.min())), int(math.floor(k_R.max()))
     counts, edges = np.histogram(k_R, bins=np.arange(lo, hi + 2))
@@ -211,6 +217,70 @@ def k_distribution(k_R: np.ndarray) -> dict:
             "max": float(k_R.max()), "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]),
             "q75": float(q[3]), "q95": float(q[4]),
             "hist_edges": [int(e) for e in edges], "hist_counts": [int(c) for c in counts]}
+
+
+class KDistribution:
+    """``k_distribution`` of every row seen, from a summary whose size depends on k's range, not on the rows.
+
+    Exact (to float64 rounding): the count, mean and std (per-batch moments merged as Chan et al. do), min,
+    max and the integer-bin histogram. The quantiles are np.quantile's linear interpolation between order
+    statistics, each order statistic taken as the centre of its bin 1 / K_BINS_PER_UNIT wide (clipped to
+    [min, max]): within half a bin (0.002) of np.quantile on the values themselves, which a bounded one-pass
+    summary cannot reproduce for continuous values. Memory: 8 bytes per bin over [floor(min), floor(max) + 1),
+    i.e. 2 KB per unit of k's range (k <= k_max <= n_latents).
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+        self.lo, self.hi = math.inf, -math.inf
+        self.first_bin = 0  # fine bin of counts_F[0]
+        self.counts_F = np.zeros(0, dtype=np.int64)
+
+    def update(self, k_R: np.ndarray) -> None:
+        k_R = np.asarray(k_R, dtype=np.float64).reshape(-1)
+        if k_R.size == 0:
+            return
+        n_b, mean_b = k_R.size, float(k_R.mean())
+        m2_b = float(np.square(k_R - mean_b).sum())
+        delta, n = mean_b - self.mean, self.n + n_b
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.n * n_b / n
+        self.n = n
+        self.lo, self.hi = min(self.lo, float(k_R.min())), max(self.hi, float(k_R.max()))
+        fine_R = np.floor(k_R * K_BINS_PER_UNIT).astype(np.int64)
+        # the bins cover whole units, so the integer histogram is a sum of whole blocks
+        first = int(math.floor(self.lo)) * K_BINS_PER_UNIT
+        size = (int(math.floor(self.hi)) + 1) * K_BINS_PER_UNIT - first
+        if first != self.first_bin or size != self.counts_F.size:
+            grown = np.zeros(size, dtype=np.int64)
+            at = self.first_bin - first
+            grown[at:at + self.counts_F.size] = self.counts_F
+            self.first_bin, self.counts_F = first, grown
+        self.counts_F += np.bincount(fine_R - first, minlength=size)
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise ValueError("no k values were accumulated")
+        cum_F = np.cumsum(self.counts_F)
+        centre_F = (self.first_bin + np.arange(self.counts_F.size) + 0.5) / K_BINS_PER_UNIT
+
+        def order_stat(j: int) -> float:  # the j-th smallest value (0-based), as its bin's centre
+            return float(np.clip(centre_F[np.searchsorted(cum_F, j, side="right")], self.lo, self.hi))
+
+        qs = []
+        for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+            h = (self.n - 1) * q
+            j = int(math.floor(h))
+            a, b = order_stat(j), order_stat(min(j + 1, self.n - 1))
+            qs.append(a + (h - j) * (b - a))
+        counts_U = self.counts_F.reshape(-1, K_BINS_PER_UNIT).sum(1)
+        lo_u = self.first_bin // K_BINS_PER_UNIT
+        return {"mean": self.mean, "std": math.sqrt(self.m2 / self.n), "min": self.lo, "max": self.hi,
+                "q05": qs[0], "q25": qs[1], "median": qs[2], "q75": qs[3], "q95": qs[4],
+                "hist_edges": list(range(lo_u, lo_u + counts_U.size + 1)),
+                "hist_counts": [int(c) for c in counts_U], "quantile_bin": 1.0 / K_BINS_PER_UNIT}
 
 
 class TrainedPenalties:

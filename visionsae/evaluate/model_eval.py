@@ -10,6 +10,7 @@ Shape suffixes: R rows (I images x T tokens), D width, N latents, K kept, E embe
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class LatentTables:
 class ModelEval:
     def __init__(self, ck: Checkpoint, info: LayerInfo, d_embed: int, n_classes: int,
                  k_sweep: tuple[int, ...], max_budget: int, top_images: int, device: torch.device,
-                 pooling: str = "max"):
+                 pooling: str = "max", probes: bool = True, probe_spill: Path | None = None):
         self.ck, self.model, self.T, self.pooling = ck, ck.model, info.tokens_per_image, pooling
         n = int(ck.config["n_latents"])
         self.n_latents, self.n_classes = n, n_classes
@@ -59,7 +60,10 @@ class ModelEval:
         self.ms = monosemanticity.MSAccumulator(n, d_embed, device)
         self.top = purity.TopImages(n, top_images, device)
         self.counts = purity.ClassCounts(n, n_classes, device) if n_classes else None
-        self.codes_eval, self.codes_train = TopCodes(max_budget), TopCodes(max_budget)
+        # the held-out images' top codes (only when probes run), in a file under probe_spill when given:
+        # they are the one table here that grows with the images
+        self.codes_eval = TopCodes(max_budget, probe_spill) if probes else None
+        self.codes_train = TopCodes(max_budget)
         self.image_fire_N = torch.zeros(n, dtype=torch.int64, device=device)
         self.latent_stats = LatentStatsAccumulator(n, device=device)
         self.n_images = 0
@@ -82,7 +86,8 @@ class ModelEval:
         self.latent_stats.update(codes, slots_I)
         if self.counts is not None:
             self.counts.update(codes, labels_I)
-        self._update_codes(self.codes_eval, acts_RK, idx_RK, codes)
+        if self.codes_eval is not None:
+            self._update_codes(self.codes_eval, acts_RK, idx_RK, codes)
 
     def _update_sweep(self, x_RD: torch.Tensor, z_RN: torch.Tensor) -> None:
         if self.sweep_note is not None:

@@ -183,22 +183,25 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
     lat_P = np.concatenate([top_lat, smp_lat]).astype(np.int64)
     slot_P = np.concatenate([top_slot, smp_slot]).astype(np.int64)
     ablate_P = np.concatenate([top_rank < ABLATED_IMAGES, np.zeros(len(smp_lat), bool)]) if head is not None else None
+    # token activations as uint8 levels per pair (P x T bytes): the heatmaps are uint8 anyway
     pv = compute.pair_values(model, store, layer, slot_P, lat_P, device, cfg.batch_rows, head,
-                             dirs_ND if head is not None else None, ablate_P)
+                             dirs_ND if head is not None else None, ablate_P, quantised=True)
     # an image's value for a latent is what sae-eval ranked it by (max over tokens, or the class token)
-    cls_pooled = cfg.image_pooling == "cls" and pv.tokens_PT.shape[1] > 1
-    val_P = pv.tokens_PT[:, 0] if cls_pooled else pv.tokens_PT.max(1)
+    cls_pooled = cfg.image_pooling == "cls" and pv.levels_PT.shape[1] > 1
+    val_P = pv.first_P if cls_pooled else pv.max_P
     # heatmaps of a latent share one scale: its largest token activation over the images shown
     heat_max_N = np.zeros(N)
-    np.maximum.at(heat_max_N, lat_P, pv.tokens_PT.max(1))
+    np.maximum.at(heat_max_N, lat_P, pv.max_P)
     idx_P = index[slot_P]
     vr_P = _col(val_P)
-    records_P = list(zip(idx_P.tolist(), vr_P, labels[slot_P].tolist()))  # [index, value, label]
+    lab_P = labels[slot_P]
     nb_rows = _per_row(nb_i, nb_c)
     if head is not None:
         up_rows, down_rows = _per_row(up_i, up_v), _per_row(dn_i, dn_v)
-        abl_P = list(zip(idx_P.tolist(), labels[slot_P].tolist(), pv.pred_P.tolist(), _col(pv.logit_P),
-                         _col(pv.dlogit_P), pv.new_pred_P.tolist()))
+        logit_P, dlogit_P = _col(pv.logit_P), _col(pv.dlogit_P)
+
+        def ablation(p: int) -> tuple:
+            return (int(idx_P[p]), int(lab_P[p]), int(pv.pred_P[p]), logit_P[p], dlogit_P[p], int(pv.new_pred_P[p]))
     match_rows = {str(j): list(zip(m.idx_N.tolist(), _col(m.cos_N), m.mutual_N.tolist())) for j, m in matches.items()}
     shown_P = np.zeros(len(slot_P), dtype=bool)
     grid = gm["grid"]
@@ -209,13 +212,18 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
 
     def image(p: int) -> tuple:
         shown_P[p] = True
-        return records_P[p]
+        return int(idx_P[p]), vr_P[p], int(lab_P[p])  # [index, value, label]
 
     def heat(p: int, lat: int, out: dict) -> None:
         if grid is None or not heat_max_N[lat] > 0:
             return
         first = grid[0]
-        q = np.clip(np.rint(255 * pv.tokens_PT[p, first:] / heat_max_N[lat]), 0, 255).astype(np.uint8)
+        # levels on the pair's scale moved to the latent's: exact on the image holding the latent's largest
+        # activation (ratio 1), within one level of rint(255 a / heat_max) on the others (two roundings)
+        ratio = float(pv.max_P[p]) / heat_max_N[lat]
+        q = pv.levels_PT[p, first:]
+        if ratio != 1.0:
+            q = np.clip(np.rint(q * ratio), 0, 255).astype(np.uint8)
         out[str(int(index[slot_P[p]]))] = base64.b64encode(q.tobytes()).decode("ascii")
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -251,7 +259,7 @@ def _write_checkpoint(i, ck, group, model, dirs_ND, head, matches, gm, thumbs: _
             rec["nb"] = nb_rows[lat]
             if head is not None:
                 rec["up"], rec["down"] = up_rows[lat], down_rows[lat]
-                rec["abl"] = [abl_P[p] for p in tops if ablate_P[p]]
+                rec["abl"] = [ablation(p) for p in tops if ablate_P[p]]
             rec["m"] = {j: rows[lat] for j, rows in match_rows.items()}
             if heats:
                 rec["heat"] = heats
