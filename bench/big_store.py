@@ -149,10 +149,12 @@ def main() -> None:
     sibling = Shape(shape.n_shards, IPS, T, D, split="test")
     synthetic_store.write_store(test_store, sibling, lambda s: None, link_from=train_store)
 
-    env_cmd = ["env", "OMP_NUM_THREADS=2"]
+    # One torch thread: on a shared machine a descheduled OpenMP thread stalls every parallel op (a CPU
+    # torch.sort of 65,536 indices took 366 ms with 2 threads under load against 10 ms with 1).
+    env_cmd = ["env", "OMP_NUM_THREADS=1"]
     run_dir = root / "run"
     result["train"] = run_measured(
-        [*env_cmd, str(bin_dir / "sae-train"), "--store", str(train_store), "--layer", LAYER, "--device", "cpu",
+        [*env_cmd, str(bin_dir / "sae-train"), "--store", str(train_store), "--layer", LAYER, "--device", "cpu", "--threads", "1",
          "--n-latents", str(args.n_latents), "--k", str(args.k), "--batch-size", str(args.batch_size),
          "--epochs", "1", "--val-fraction", "0.01", "--no-progress", "--overwrite", "--out", str(run_dir)],
         root / "train.log")

@@ -33,6 +33,7 @@ CASES = [
     ("zarr store, 2 shards", 37, "refused as incomplete (or complete and whole); --resume gives identical bytes"),
     ("hdf5 store, 2 shards", 26, "refused as incomplete (or complete and whole); --resume gives identical bytes"),
     ("sae-train, 8 steps, saves at 4", 10, "--resume reaches bit-identical weights, optimiser state, metrics, log"),
+    ("zarr classifier head replaced", 9, "the store reads a whole head, the old or the new, never none or a mix"),
 ]
 WHEN = ("before", "after")
 REPO = Path(__file__).resolve().parents[1]
@@ -216,3 +217,44 @@ def test_default_saves_a_few_times_and_a_finished_run_is_left_as_is(tmp_path, tr
     before = files()
     train(TrainConfig(**cfg, resume=True))
     assert files() == before
+
+
+# --- the classifier head (an optional part, written after the store is complete) -----------------------------
+def _head(seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal(2).astype(np.float32)
+
+
+def _write_head(path: Path, seed: int) -> None:
+    from visionsae.store.extras import head_attrs, write_head
+    weight_CD, bias_C = _head(seed)
+    write_head(path, weight_CD, bias_C, head_attrs(weight_CD, input_kind="e", source="test", classes=["0", "1"]))
+
+
+@pytest.fixture()
+def headed_store(tmp_path):
+    path = _store_path(tmp_path, "zarr")
+    _write(path, "zarr", "new")
+    _write_head(path, seed=1)
+    return path
+
+
+def test_the_table_counts_every_head_operation(tmp_path, headed_store):
+    log = tmp_path / "ops.txt"
+    assert _in_child(lambda: _write_head(headed_store, seed=2), {faults.LOG_ENV: str(log)}) == 0
+    assert len(log.read_text().splitlines()) == CASES[3][1]
+
+
+@pytest.mark.parametrize("n,when", _points(CASES[3][0]))
+def test_head_replacement_killed_leaves_a_whole_head(headed_store, n, when):
+    from visionsae.store.extras import read_head
+    status = _in_child(lambda: _write_head(headed_store, seed=2), {faults.CRASH_ENV: f"{n}:{when}"})
+    assert status == -signal.SIGKILL
+    head = read_head(headed_store)
+    assert head is not None
+    assert any(np.array_equal(head.weight_CD, w) and np.array_equal(head.bias_C, b) for w, b in (_head(1), _head(2)))
+    _write_head(headed_store, seed=2)  # the next write (sae-extract --resume) finishes the job and tidies up
+    head = read_head(headed_store)
+    assert np.array_equal(head.weight_CD, _head(2)[0]) and np.array_equal(head.bias_C, _head(2)[1])
+    assert sorted(p.name for p in headed_store.iterdir() if p.name.startswith("head")) == ["head"]
+    open_store(headed_store).verify()

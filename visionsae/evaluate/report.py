@@ -21,6 +21,7 @@ from visionsae.errors import UserError
 from visionsae.evaluate import plots
 from visionsae.evaluate.explorer import write_explorer
 from visionsae.locks import OutputLock
+from visionsae.store import is_store
 
 REPORT_FORMAT = "visionsae-eval-report"
 REPORT_VERSION = 1
@@ -32,7 +33,7 @@ def open_report_dir(out: Path) -> OutputLock:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: choose a directory for the report")
     for p in [out, *out.resolve().parents]:
-        if _is_store(p):
+        if is_store(p):
             raise UserError(f"--out {out} is {'inside ' if p != out else ''}an activation store ({p}): the report "
                             "would be written into it; choose another --out")
     try:
@@ -40,14 +41,6 @@ def open_report_dir(out: Path) -> OutputLock:
     except OSError as err:
         raise UserError(f"cannot create the report directory {out}: {err.strerror or err}; choose another --out") from None
     return OutputLock(out, "sae-eval").acquire()
-
-
-def _is_store(p: Path) -> bool:
-    meta = p / "zarr.json"
-    try:
-        return meta.is_file() and "visionsae" in json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def write_report(result, out: Path) -> dict[str, Path]:

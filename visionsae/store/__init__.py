@@ -14,8 +14,8 @@ Without visionsae, a store opens in plain zarr or xarray (``xarray.open_zarr(pat
 from visionsae.store.layout import (FORMAT, FORMAT_VERSION, LayerSpec, StoreSpec, to_float32, to_storage,
                                     weights_fingerprint)
 from visionsae.store.reader import LayerInfo, Store, open_store
-from visionsae.store.writer import StoreWriter
+from visionsae.store.writer import StoreWriter, is_store
 from visionsae.store.arrays import write_array_store
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LayerInfo", "LayerSpec", "Store", "StoreSpec", "StoreWriter",
-           "open_store", "to_float32", "to_storage", "weights_fingerprint", "write_array_store"]
+           "is_store", "open_store", "to_float32", "to_storage", "weights_fingerprint", "write_array_store"]

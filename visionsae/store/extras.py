@@ -2,8 +2,10 @@
 
 The head is written after the store is complete and read only by evaluation (the explorer applies it
 to SAE decoder directions). It lives in its own group, ``head/``, so that a store without it, or a
-reader that ignores it, is unaffected. Zarr: the group is written under a temporary name and renamed
-into place, so a crash leaves either the whole head or none. HDF5: one group ``/head``.
+reader that ignores it, is unaffected. Zarr: the new group is written and fsynced under a temporary name,
+the old one is renamed aside (``head.old-<pid>``), the new one into place, and the old one removed; a crash
+at any point leaves a whole head, new or old, and a reader that finds ``head`` missing reads the old one
+beside it. HDF5: one group ``/head``.
 
 Shape suffixes: C classes, D width of the layer that feeds the head.
 """
@@ -18,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from visionsae import faults
+from visionsae.atomic import fsync_dir
 from visionsae.errors import StoreError
 from visionsae.store.consolidate import consolidated_metadata
 from visionsae.store.layout import write_store_file
@@ -65,10 +69,17 @@ def write_head(path: str | Path, weight_CD: np.ndarray, bias_C: np.ndarray, attr
         for name, arr in (("weight", weight_CD), ("bias", bias_C)):
             group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape, fill_value=0,
                                compressors=None, filters=None, dimension_names=HEAD_DIMENSION_NAMES[name])[...] = arr
-        final = path / "head"
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    faults.fsync(fh.fileno(), f)
+        final, old = path / "head", path / f"head.old-{os.getpid()}"
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            faults.replace(final, old)
+        faults.replace(tmp, final)
+        fsync_dir(path)
+        for stale in [*path.glob("head.old-*"), *path.glob("head.tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
         _consolidate_head(path)
         return
     import h5py
@@ -93,16 +104,24 @@ def _consolidate_head(path: Path) -> None:
     write_store_file(root_file, json.dumps(root, indent=2).encode())
 
 
+def _zarr_head_dir(path: Path) -> Path | None:
+    """``head/``, or the previous head a replacement killed between its two renames left beside it."""
+    if (path / "head" / "zarr.json").is_file():
+        return path / "head"
+    old = sorted(p for p in path.glob("head.old-*") if (p / "zarr.json").is_file())
+    return old[-1] if old else None
+
+
 def read_head(path: str | Path) -> ClassifierHead | None:
     """The store's classifier head, or None when it has none (or only part of one)."""
     path = Path(path)
     try:
         if path.is_dir():
-            meta_file = path / "head" / "zarr.json"
-            if not meta_file.is_file():
+            head_dir = _zarr_head_dir(path)
+            if head_dir is None:
                 return None
             import zarr
-            group = zarr.open_group(str(path / "head"), mode="r")
+            group = zarr.open_group(str(head_dir), mode="r")
             attrs = dict(group.attrs).get("visionsae")
             weight, bias = group["weight"][...], group["bias"][...]
         else:

@@ -25,7 +25,7 @@ import numpy as np
 
 from visionsae import faults
 from visionsae.errors import StoreError
-from visionsae.store.layout import (HDF5_SIGNATURE, StoreSpec, crc32_of, free_bytes, mib, shard_record_name,
+from visionsae.store.layout import (StoreSpec, crc32_of, free_bytes, mib, shard_record_name,
                                     storage_dtype)
 
 FORMAT = "hdf5"
@@ -33,9 +33,7 @@ H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError)  # what h5py raises wh
 
 
 def is_store(path: Path) -> bool:
-    with open(path, "rb") as f:
-        if f.read(8) != HDF5_SIGNATURE:
-            return False
+    """An HDF5 file (format_on_disk says "hdf5") with visionsae's root attributes."""
     import h5py
     try:
         with h5py.File(path, "r") as f:

@@ -21,6 +21,15 @@ DTYPES = ("float32", "float16", "bfloat16")
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+def format_on_disk(path: Path) -> str | None:
+    """What an existing path would be as a store: "zarr" (a directory), "hdf5" (a file that starts with the
+    HDF5 signature) or None (another file). Whether it holds visionsae attributes is the backend's check."""
+    if path.is_dir():
+        return "zarr"
+    with open(path, "rb") as f:
+        return "hdf5" if f.read(8) == HDF5_SIGNATURE else None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     name: str  # group name, e.g. "block_11"

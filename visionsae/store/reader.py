@@ -27,7 +27,7 @@ import numpy as np
 from visionsae.errors import StoreError
 from visionsae.store import hdf5, zarr
 from visionsae.store.backend import ChunkReader
-from visionsae.store.layout import (FORMAT, FORMAT_VERSION, HDF5_SIGNATURE, aggregate_stats, crc32_of,
+from visionsae.store.layout import (FORMAT, FORMAT_VERSION, aggregate_stats, format_on_disk, crc32_of,
                                     layer_fingerprint, shard_record_name, store_fingerprint, to_float32)
 
 MAX_OPEN_MAPS = 32  # shard memory maps kept open (one file descriptor each)
@@ -53,14 +53,10 @@ def open_store(path: str | Path) -> "Store":
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no activation store at {path}: create one with `sae-extract --out {path}`")
-    if path.is_dir():
-        source: ChunkReader = zarr.open_reader(path)
-    else:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if head != HDF5_SIGNATURE:
-            raise StoreError(f"{path} is not an activation store (neither a Zarr directory nor an HDF5 file)")
-        source = hdf5.open_reader(path)
+    fmt = format_on_disk(path)
+    if fmt is None:
+        raise StoreError(f"{path} is not an activation store (neither a Zarr directory nor an HDF5 file)")
+    source: ChunkReader = (zarr if fmt == "zarr" else hdf5).open_reader(path)
     return Store(path, source)
 
 

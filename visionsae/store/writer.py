@@ -23,7 +23,7 @@ from visionsae.errors import StoreError
 from visionsae.locks import OutputLock
 from visionsae.store import hdf5, zarr
 from visionsae.store.backend import Backend, ChunkWriter
-from visionsae.store.layout import HDF5_SIGNATURE, LayerSpec, StoreSpec, aggregate_stats, to_float32, to_storage
+from visionsae.store.layout import LayerSpec, format_on_disk, StoreSpec, aggregate_stats, to_float32, to_storage
 
 MODES = ("new", "overwrite", "resume", "join")
 
@@ -80,7 +80,7 @@ class StoreWriter:
             return writer
         if path.exists() or path.is_symlink():
             if mode == "new":
-                if not _is_store(path):
+                if not is_store(path):
                     raise StoreError(f"{path} already exists and is not a visionsae activation store: choose "
                                      "another --out")
                 raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
@@ -182,27 +182,26 @@ def _shard_stats(rows_VD: np.ndarray, dtype: str) -> dict[str, Any]:
 
 
 def _format(spec: StoreSpec) -> Backend:
-    return zarr if spec.format == "zarr" else hdf5
+    return _backend(spec.format)
+
+
+def _backend(fmt: str) -> Backend:
+    return zarr if fmt == "zarr" else hdf5
 
 
 def _detect_format(path: Path, spec: StoreSpec) -> StoreSpec:
     """An existing store's format is what it is on disk, whatever --format says (resume without --format hdf5)."""
-    if path.is_dir():
-        fmt = "zarr"
-    else:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if head != HDF5_SIGNATURE:
-            raise StoreError(f"{path} is a file but not an HDF5 activation store: refusing to write into it; "
-                             "choose another --out")
-        fmt = "hdf5"
+    fmt = format_on_disk(path)
+    if fmt is None:
+        raise StoreError(f"{path} is a file but not an HDF5 activation store: refusing to write into it; "
+                         "choose another --out")
     return spec if fmt == spec.format else dataclasses.replace(spec, format=fmt, compressed=False)
 
 
-def _is_store(path: Path) -> bool:
-    if path.is_dir():
-        return zarr.is_store(path)
-    return path.is_file() and hdf5.is_store(path)
+def is_store(path: Path) -> bool:
+    """Whether ``path`` is recognisably a visionsae store (either format), complete or not."""
+    fmt = format_on_disk(path) if path.is_dir() or path.is_file() else None
+    return fmt is not None and _backend(fmt).is_store(path)
 
 
 def _remove_store(path: Path) -> None:
@@ -210,7 +209,7 @@ def _remove_store(path: Path) -> None:
     if path.is_symlink():
         raise StoreError(f"{path} is a symbolic link: --overwrite does not follow it; pass the store's real path "
                          f"({os.path.realpath(path)}) or remove the link")
-    if not _is_store(path):
+    if not is_store(path):
         raise StoreError(f"{path} exists and is not a visionsae activation store: refusing to overwrite it; "
                          "choose another --out")
     shutil.rmtree(path) if path.is_dir() else path.unlink()
