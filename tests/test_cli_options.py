@@ -49,3 +49,10 @@ def test_lists_and_switches_parse():
     assert cfg.layers == ("6", "-1") and cfg.format == "hdf5" and cfg.progress is False
     with pytest.raises(click.BadParameter, match="empty item"):
         _config(train_main, TrainConfig, ["--store", "s", "--k", "8,,16"])
+
+
+@pytest.mark.parametrize("cmd,cls,args,fixed", [(train_main, TrainConfig, ["--store", "s"], {}),
+                                                (extract_main, ExtractConfig, [], {}),
+                                                (eval_main, EvalConfig, ["a.pt"], {"checkpoints": ["a.pt"]})])
+def test_every_command_takes_quiet(cmd, cls, args, fixed):
+    assert _config(cmd, cls, [*args, "--quiet"], **fixed).progress is False

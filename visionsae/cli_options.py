@@ -7,7 +7,7 @@ A config field declared with ``option(default, help=...)`` becomes ``--field-nam
   or not a T; ``parse=`` replaces that with the field's own reader of the text (run in the command body,
   so its UserError is a one-line error too);
 - ``bool``: a flag that sets True (default False), or, for a default-True field, the flag named by
-  ``off=`` that sets it False (``progress`` <- ``--no-progress`` / ``--quiet``).
+  ``off=`` (a name or a tuple of names) that sets it False (``progress`` <- ``--quiet``).
 
 Other keys: ``flag`` (another name), ``choices`` (click checks them), ``path`` (True, or "dir": a
 click.Path that is not a file), ``cli_type`` (take the text as this type; the config parses it),
@@ -76,7 +76,8 @@ def _click_option(field: dataclasses.Field, hint: Any) -> Callable:
     kw: dict[str, Any] = {"help": help_text or None}
     if kind is bool:
         if default:  # a default-True switch: the off flag names it
-            return click.option(meta["off"], field.name, flag_value=False, default=True, show_default=False,
+            off = (meta["off"],) if isinstance(meta["off"], str) else tuple(meta["off"])
+            return click.option(*off, field.name, flag_value=False, default=True, show_default=False,
                                 help=help_text or None)
         return click.option(flag, field.name, is_flag=True, default=False, show_default=False, help=help_text or None)
     if "cli_type" in meta or "parse" in meta:

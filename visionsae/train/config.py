@@ -88,7 +88,8 @@ class TrainConfig:
                                         "about one latent below --k (the penalty on the batch mean keeps pushing): "
                                         "measured 14.5 at k = 16 after 200 steps on image embeddings. Train 1,500 "
                                         "steps or more to compare it with Top-k.")
-    progress: bool = option(True, help="No progress bar.", off="--no-progress")
+    progress: bool = option(True, help="No progress bar (as in sae-extract and sae-eval; --no-progress is the "
+                             "same).", off=("--quiet", "--no-progress"))
     compile: bool = option(False, help="torch.compile each model's forward (worth it on a GPU: fewer kernel "
                            "launches).")
     threads: int | None = option(None, help="CPU threads for the step (default: torch's; 1 is fastest when other "
