@@ -89,3 +89,15 @@ def test_cuda_batches_equal_cpu_batches(store, preload):
     want = _batches(store, "cpu", preload=False)
     got = _batches(open_store(store.path), "cuda", preload=preload)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_group_buffers_on_huge_pages_hold_what_is_written(dtype):
+    """A buffer above one huge page comes from its own aligned mapping; it behaves as any [rows, d] tensor."""
+    rows, d = (3 << 20) // (6 * dtype.itemsize) + 1, 6
+    buf = gather.random_access_empty(rows, d, dtype)
+    assert buf.shape == (rows, d) and buf.dtype == dtype and buf.is_contiguous()
+    assert buf.data_ptr() % gather.HUGE_PAGE == 0
+    src = torch.randn(rows, d).to(dtype)
+    buf.copy_(src)
+    assert torch.equal(buf, src) and gather.random_access_empty(4, d, dtype).shape == (4, d)

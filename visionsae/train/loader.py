@@ -35,7 +35,7 @@ import torch
 from visionsae.errors import UserError
 from visionsae.store import Store
 from visionsae.store.layout import storage_dtype
-from visionsae.train.gather import FUSE_MIN_ROWS, CpuGather
+from visionsae.train.gather import FUSE_MIN_ROWS, CpuGather, random_access_empty
 
 _SPLIT_KEY = 0x5A1  # separates the split's random stream from the shuffle's
 READ_THREADS = min(8, os.cpu_count() or 1)
@@ -163,6 +163,8 @@ class Loader:
     def _empty(self, rows: int, device: torch.device, pin: bool = False) -> torch.Tensor:
         """Rows in the stored dtype (bfloat16 as torch.bfloat16, whose bits the store's uint16 are)."""
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.info.dtype]
+        if device.type == "cpu" and not pin:  # a group buffer, gathered from at random rows
+            return random_access_empty(rows, self.info.d, dtype)
         return torch.empty((rows, self.info.d), dtype=dtype, device=device, pin_memory=pin)
 
     @staticmethod
