@@ -1,19 +1,22 @@
 """The loader's per-batch work on the CPU: out = scale * float32(data[idx]), rows of a group buffer in order.
 
-Eager torch does it in three passes: gather the rows in the stored dtype, convert them to float32, scale them.
-Two ways to make it cheaper, both exact (the same float32 values as the three eager ops):
+Eager torch does it in three passes over the batch: gather the rows in the stored dtype, convert them to
+float32, scale them. Two ways to do it in one pass over the output, both exact (the same float32 values):
 
 - fused: one compiled kernel (torch.compile, inductor's C++ backend, one thread) reads each row once, converts
-  and scales it in registers and writes it once. bench/train.py measured it 2.3x faster than the eager passes
-  at d = 768 float16 (4.6M against 2.0M rows/s, one core). Compiling costs a few seconds once per process and
-  needs a C++ compiler: it is used for large epochs (or when asked) and falls back to the eager gather when it
-  cannot be compiled.
+  and scales it in registers and writes it once. Measured at d = 768, float16, batches of 4096 random rows of
+  a 201 MB buffer on this 2-core machine under load: 1.15-1.25x faster than the eager blocks below on one
+  torch thread, and 2x with two (it makes no OpenMP team, which stalls when one of its threads is
+  descheduled). Compiling costs seconds once per process and needs a C++ compiler: it is used for epochs
+  long enough to repay it (or when asked), and the eager gather takes over when it cannot be compiled.
 - eager, in blocks of rows that fit in a core's L2 with their float32 output: the three passes run over a
-  block while it is in cache, and the output is written to memory once (1.25x faster than whole-batch passes
-  on one thread; with two torch threads a whole-batch gather measured 5x slower under load, as a descheduled
-  thread stalls the other).
+  block while it is in cache, so the output goes to memory once (1.1-1.25x faster than whole-batch passes on
+  one thread).
 
-Both run on one thread: the loader's producer thread, next to the training step's own threads.
+Both run in one thread: the loader's producer thread (streaming) or the consumer's (preloaded).
+
+Group buffers live on transparent huge pages where Linux allows: a random row of a 4 KiB-paged buffer of
+hundreds of MB misses the TLB on nearly every read (the gather measured 1.11x faster from huge pages).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import numpy as np
 import torch
 
 BLOCK_BYTES = 1 << 20  # a block in the stored dtype plus its float32 output: half of this machine's 2 MiB L2
-# An epoch of at least this many rows compiles the fused gather by default: compiling takes ~5 s and saves
-# ~1 ms per 4096 rows at d = 768, so it pays for itself within the first epoch.
+# An epoch of at least this many rows compiles the fused gather by default: compiling takes ~5 s (with a warm
+# inductor cache) and saves 0.2-1.5 ms per 4096 rows at d = 768, so it pays for itself within the first epoch.
 FUSE_MIN_ROWS = 1 << 24
 
 _lock = threading.Lock()
@@ -99,9 +102,8 @@ HUGE_PAGE = 2 << 20
 
 
 def random_access_empty(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised [rows, d] CPU tensor that batches are gathered from at random rows: backed by 2 MiB
-    pages where Linux allows (madvise MADV_HUGEPAGE), as a random row of a 4 KiB-paged buffer of hundreds of MB
-    misses the TLB on nearly every read (measured: the gather 1.12x faster from huge pages at d = 768)."""
+    """An uninitialised [rows, d] CPU tensor that batches are gathered from at random rows, backed by 2 MiB
+    pages where Linux allows (madvise MADV_HUGEPAGE; see the module's note)."""
     nbytes = rows * d * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty((rows, d), dtype=dtype)
