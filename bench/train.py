@@ -154,8 +154,9 @@ def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device
             for label, fn in (("raw_readinto", raw_into), ("raw_fromfile", raw_fromfile)):
                 keep(label, _time(fn, torch.device("cpu"), 0, 1))
             for label, preload, fused in variants:
-                loader = Loader(open_store(path), "blk", train, batch_size=batch, seed=0, device=device, scale=scale,
-                                preload=preload, buffer_bytes=buffer_mb << 20, prefetch=4, fused_gather=fused)
+                loader = Loader(open_store(path), "blk", train, batch_size=batch, seed=0, device=device,
+                                scale=scale, preload=preload, buffer_bytes=buffer_mb << 20, prefetch=4,
+                                fused_gather=fused)
                 it = loader.batches(0)
                 for epoch in (1, 2, 3):
                     t = time.perf_counter()
@@ -166,7 +167,8 @@ def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device
                 loader.close()
         raw = min(best["raw_readinto"], best["raw_fromfile"])
         out = {"rows": rows, "d": d, "dtype": dtype, "batch": batch, "bytes": nbytes, "scale": scale,
-               "buffer_mb": buffer_mb, "rounds": rounds, "raw_rows_per_s": rows / raw, "raw_GBps": nbytes / raw / 1e9,
+               "buffer_mb": buffer_mb, "rounds": rounds, "raw_rows_per_s": rows / raw,
+               "raw_GBps": nbytes / raw / 1e9,
                "raw_readinto_rows_per_s": rows / best["raw_readinto"],
                "raw_fromfile_rows_per_s": rows / best["raw_fromfile"]}
         for label, _, _ in variants:
@@ -218,7 +220,8 @@ def main() -> None:
                   f"{s['dense_over_step']:.2f} | {s['step_reg_both_s']:.3f} |")
     lo = result["loader"]
     print(f"\nLoader: {lo['rows']} rows x {lo['d']} {lo['dtype']}, batch {lo['batch']}, {lo['buffer_mb']} MB "
-          f"streaming groups, scale {lo['scale']:.4f}, {result['machine']}, best of {lo['rounds']} interleaved rounds\n")
+          f"streaming groups, scale {lo['scale']:.4f}, {result['machine']}, best of {lo['rounds']} "
+          "interleaved rounds\n")
     into = lo["raw_readinto_rows_per_s"]
     print("| | rows/s | / raw read (the faster of the two) | / raw readinto a preallocated buffer |")
     print("|---|---|---|---|")

@@ -10,7 +10,7 @@ float32, scale them. Two ways to do it in one pass over the output, both exact (
   descheduled). Compiling costs seconds once per process and needs a C++ compiler: it is used for epochs
   long enough to repay it (or when asked), and the eager gather takes over when it cannot be compiled.
 - eager, in blocks of rows that fit in a core's L2 with their float32 output: the three passes run over a
-  block while it is in cache, so the output goes to memory once (1.1-1.25x faster than whole-batch passes on
+  block while it is in cache, so the output goes to memory once (1.08-1.24x faster than whole-batch passes on
   one thread).
 
 Both run in one thread: the loader's producer thread (streaming) or the consumer's (preloaded).
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 BLOCK_BYTES = 1 << 20  # a block in the stored dtype plus its float32 output: half of this machine's 2 MiB L2
-# An epoch of at least this many rows compiles the fused gather by default: compiling takes ~5 s (with a warm
-# inductor cache) and saves 0.2-1.5 ms per 4096 rows at d = 768, so it pays for itself within the first epoch.
+# An epoch of at least this many rows compiles the fused gather by default: compiling takes 4-7 s here (a
+# warm inductor cache helps) and saves 0.2-1.5 ms per 4096 rows at d = 768: it pays for itself in one epoch.
 FUSE_MIN_ROWS = 1 << 24
 
 _lock = threading.Lock()
