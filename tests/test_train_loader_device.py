@@ -9,6 +9,7 @@ import torch
 
 from visionsae.store import open_store, write_array_store
 from visionsae.train import gather
+from visionsae.train import loader as loader_module
 from visionsae.train.loader import Loader, make_split
 
 torch.set_num_threads(1)
@@ -101,3 +102,15 @@ def test_group_buffers_on_huge_pages_hold_what_is_written(dtype):
     src = torch.randn(rows, d).to(dtype)
     buf.copy_(src)
     assert torch.equal(buf, src) and gather.random_access_empty(4, d, dtype).shape == (4, d)
+
+
+def test_the_fused_gather_is_the_default_only_for_long_epochs(store, monkeypatch):
+    train, _ = make_split(store, 0.1, seed=2)
+
+    def fused_by_default():
+        return Loader(store, "blk", train, batch_size=10, seed=5, device=torch.device("cpu"), scale=1.5,
+                      preload=False, buffer_bytes=1).fused_gather
+
+    assert not fused_by_default()  # a tiny epoch: compiling would cost more than it saves
+    monkeypatch.setattr(loader_module, "FUSE_MIN_ROWS", train.size * T)
+    assert fused_by_default()

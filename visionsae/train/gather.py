@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 BLOCK_BYTES = 1 << 20  # a block in the stored dtype plus its float32 output: half of this machine's 2 MiB L2
-# An epoch of at least this many rows compiles the fused gather by default: compiling takes 4-7 s here (a
-# warm inductor cache helps) and saves 0.2-1.5 ms per 4096 rows at d = 768: it pays for itself in one epoch.
+# An epoch of at least this many rows compiles the fused gather by default: compiling takes 4-15 s here (15
+# with a cold inductor cache, under load) and saves 0.2-1.5 ms per 4096 rows at d = 768: 16M rows repay it.
 FUSE_MIN_ROWS = 1 << 24
 
 _lock = threading.Lock()
@@ -75,16 +75,22 @@ class CpuGather:
             _fused_kernel()(torch.empty((n, self.d)), data, torch.arange(n), self.scale_t)
             self.fused = True
         except Exception as err:  # no C++ compiler, an unsupported Python: the eager gather gives the same values
-            self.want_fused = False
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            print(f"note: the fused CPU gather could not be compiled ({type(err).__name__}: {first}); "
-                  "using the eager gather (about 2x slower)", file=sys.stderr)
+            self._give_up(err)
         return self.fused
+
+    def _give_up(self, err: Exception) -> None:
+        self.want_fused = self.fused = False
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        print(f"note: the fused CPU gather could not be compiled ({type(err).__name__}: {first}); "
+              "using the eager gather (up to 2x slower)", file=sys.stderr)
 
     def __call__(self, out_RD: torch.Tensor, data_ND: torch.Tensor, idx_R: torch.Tensor) -> None:
         if self.fused and idx_R.shape[0] >= 2 and data_ND.shape[0] >= 2:
-            _fused_kernel()(out_RD, data_ND, idx_R, self.scale_t)
-            return
+            try:
+                _fused_kernel()(out_RD, data_ND, idx_R, self.scale_t)
+                return
+            except Exception as err:  # a recompilation that failed: the eager gather below rewrites all of out
+                self._give_up(err)
         E = self.block_ED.shape[0] if self.block_ED is not None else max(1, BLOCK_BYTES // (8 * self.d))
         for i in range(0, idx_R.shape[0], E):
             o = out_RD[i:i + E]
