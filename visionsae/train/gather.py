@@ -31,7 +31,7 @@ import torch
 BLOCK_BYTES = 1 << 20  # a block in the stored dtype plus its float32 output: half of this machine's 2 MiB L2
 # An epoch of at least this many rows compiles the fused gather by default: compiling takes 4-15 s here (15
 # with a cold inductor cache, under load) and saves 0.2-1.5 ms per 4096 rows at d = 768, i.e. 1-6 s per 16M
-# rows: repaid within a few epochs of this size, and runs are many epochs of it.
+# rows, 15-90 s per ImageNet epoch (1.28M images x 197 tokens).
 FUSE_MIN_ROWS = 1 << 24
 
 _lock = threading.Lock()
