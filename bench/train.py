@@ -8,15 +8,17 @@ Prints one JSON object (and, with --markdown, table rows for BENCHMARKS.md):
    and three (what a dense forward + backward costs). Also the speed-up over a dense reference (Top-k
    values scattered into a zero B x n matrix multiplied by the whole decoder) and the step with both
    regularizers on.
-2. Loader: rows/s and GB/s of the shuffled streaming loader (first epoch: with shard checksums; second:
-   without) and of the preloaded loader, against a raw sequential read of the same bytes from the same
-   (page-cached) files in the same run, and against the rows/s the step consumes.
+2. Loader: rows/s of the shuffled streaming loader (first epoch: with shard checksums; steady state:
+   epochs 2-3) and of the preloaded loader, with the fused and the eager CPU gather, against a raw
+   sequential read of the same bytes from the same (page-cached) files in the same interleaved rounds, and
+   against the rows/s the step consumes. `--loader-only` skips the step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
@@ -30,6 +32,7 @@ from visionsae.sae import SAEConfig
 from visionsae.sae.topk import TopKSAE
 from visionsae.store import open_store, write_array_store
 from visionsae.train.config import RunSpec, default_lr
+from visionsae.train.gather import CpuGather
 from visionsae.train.loader import Loader
 from visionsae.train.training_run import Run
 
@@ -95,7 +98,19 @@ def bench_step(d: int, n: int, k: int, B: int, device: torch.device, warmup: int
     return out
 
 
-def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device) -> dict:
+def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device, rounds: int,
+                 buffer_mb: int = 64) -> dict:
+    """The loader's rows/s against a raw sequential read of the same bytes, in interleaved rounds (best of each).
+
+    Raw read: every chunk file of the store once, page-cached (read once before timing, as the loader finds
+    them), sequentially, on one thread; two ways, and the faster is the reference: ``readinto`` a preallocated
+    buffer of the store's size (what the loader's group buffer is) and ``np.fromfile`` (a fresh buffer per file,
+    which malloc recycles while it is still in cache). Loader: a fresh Store per round, so epoch 1 reads and
+    CRC-checks every shard; steady state is epochs 2 and 3 (best), where every shard is verified. Streaming
+    uses ``buffer_mb`` groups (several per epoch: it reads each shard into a group buffer every epoch);
+    preloaded reads the store once. The scale is sae-train's (sqrt(d / mean squared norm)), so the gather
+    scales as in training. On the CPU both gathers run: fused (compiled one-pass kernel, compiled before the
+    timing) and eager (blocks of rows)."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.zarr"
@@ -105,36 +120,68 @@ def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device
             x[i:i + (1 << 16)] = rng.standard_normal((min(1 << 16, rows - i), d), dtype=np.float32)
         write_array_store(path, {"blk": x}, images_per_shard=ips, dtype=dtype)
         del x
-        store = open_store(path)
-        files = sorted((path / "layers" / "blk" / "acts" / "c").glob("*/0"))
+        info = open_store(path).layer("blk")
+        scale = math.sqrt(info.d / info.mean_sq_norm)
+        files = sorted((path / "layers" / "blk" / "acts" / "c").glob("*/0"), key=lambda f: int(f.parent.name))
         nbytes = rows * d * (4 if dtype == "float32" else 2)
+        into = np.empty(nbytes, np.uint8)
 
-        def raw():
+        def raw_into():
+            view, at = memoryview(into), 0
+            for f in files:
+                with open(f, "rb", buffering=0) as fh:
+                    at += fh.readinto(view[at:])
+
+        def raw_fromfile():
             for f in files:
                 np.fromfile(f, dtype=np.uint8)
 
-        raw()  # warm the page cache, as the loader below will find it
-        t_raw = _time(raw, torch.device("cpu"), 0, 2)
-        out = {"rows": rows, "d": d, "dtype": dtype, "batch": batch, "bytes": nbytes,
-               "raw_read_GBps": nbytes / t_raw / 1e9}
+        raw_into()  # warm the page cache, as the loader below will find it
+        gathers = [None] if device.type == "cuda" else [True, False]
+        if device.type == "cpu":  # compile once, outside the timing (per process, as in a training run)
+            torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+            CpuGather(torch_dtype, d, scale, True).warm()
+        variants = [(f"{mode}{'' if g is None else '_fused' if g else '_eager'}", mode == "preload", g)
+                    for mode in ("stream", "preload") for g in gathers]
         steps = rows // batch
         train = np.arange(rows)
-        for label, preload in (("stream", False), ("preload", True)):
-            store = open_store(path)  # fresh: checksums not yet verified
-            loader = Loader(store, "blk", train, batch_size=batch, seed=0, device=device, scale=1.0,
-                            preload=preload, buffer_bytes=256 << 20, prefetch=4)
-            it = loader.batches(0)
+        best: dict[str, float] = {}
+
+        def keep(label, seconds):
+            best[label] = min(best.get(label, float("inf")), seconds)
+
+        for _ in range(rounds):
+            for label, fn in (("raw_readinto", raw_into), ("raw_fromfile", raw_fromfile)):
+                keep(label, _time(fn, torch.device("cpu"), 0, 1))
+            for label, preload, fused in variants:
+                loader = Loader(open_store(path), "blk", train, batch_size=batch, seed=0, device=device,
+                                scale=scale, preload=preload, buffer_bytes=buffer_mb << 20, prefetch=4,
+                                fused_gather=fused)
+                it = loader.batches(0)
+                for epoch in (1, 2, 3):
+                    t = time.perf_counter()
+                    for _ in range(steps):
+                        next(it)
+                    _sync(device)
+                    keep(f"{label}_epoch{min(epoch, 2)}", time.perf_counter() - t)
+                loader.close()
+        raw = min(best["raw_readinto"], best["raw_fromfile"])
+        out = {"rows": rows, "d": d, "dtype": dtype, "batch": batch, "bytes": nbytes, "scale": scale,
+               "buffer_mb": buffer_mb, "rounds": rounds, "raw_rows_per_s": rows / raw,
+               "raw_GBps": nbytes / raw / 1e9,
+               "raw_readinto_rows_per_s": rows / best["raw_readinto"],
+               "raw_fromfile_rows_per_s": rows / best["raw_fromfile"]}
+        for label, _, _ in variants:
             for epoch in (1, 2):
-                t = time.perf_counter()
-                for _ in range(steps):
-                    next(it)
-                _sync(device)
-                dt = time.perf_counter() - t
+                dt = best[f"{label}_epoch{epoch}"]
                 out[f"{label}_epoch{epoch}_rows_per_s"] = steps * batch / dt
-                out[f"{label}_epoch{epoch}_GBps"] = steps * batch * nbytes / rows / dt / 1e9
-            loader.close()
-        for label in ("stream_epoch1", "stream_epoch2", "preload_epoch2"):
-            out[f"{label}_over_raw"] = out[f"{label}_GBps"] / out["raw_read_GBps"]
+                out[f"{label}_epoch{epoch}_over_raw"] = steps * batch / dt / (rows / raw)
+        for g in gathers if device.type == "cpu" else []:
+            suffix = "_fused" if g else "_eager"
+            # Streaming reads every byte (a copy as costly as the raw read) and then gathers it (the preloaded
+            # loader's work): when the two cannot overlap (one free core), its ceiling is 1 / (1 + raw / gather).
+            pre = out[f"preload{suffix}_epoch2_rows_per_s"]
+            out[f"stream{suffix}_one_core_ceiling_over_raw"] = pre / (pre + out["raw_rows_per_s"])
         return out
 
 
@@ -142,9 +189,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes only (about a minute on 2 CPU cores)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="rounds of the step bench and of the loader bench")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--loader-only", action="store_true", help="only the loader against the raw read")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,11 +203,14 @@ def main() -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__,
-              "steps": [bench_step(d, n, k, B, device, warmup=1, reps=args.reps) for d, n, k, B in shapes],
+              "steps": [] if args.loader_only else
+              [bench_step(d, n, k, B, device, warmup=1, reps=args.reps) for d, n, k, B in shapes],
               "loader": bench_loader(rows=1 << 17 if args.quick else 1 << 18, d=768, dtype="float16",
-                                     batch=4096, device=device)}
+                                     batch=4096, device=device, rounds=args.reps)}
     print(json.dumps(result, indent=1))
-    if args.markdown:
+    if not args.markdown:
+        return
+    if result["steps"]:
         print("\n| d | latents | k | batch | step (s) | rows/s | step / 1 enc. matmul | step / 3 enc. matmuls | "
               "dense / step | step with both regs (s) |")
         print("|---|---|---|---|---|---|---|---|---|---|")
@@ -167,14 +218,26 @@ def main() -> None:
             print(f"| {s['d']} | {s['n_latents']} | {s['k']} | {s['batch']} | {s['step_s']:.3f} | "
                   f"{s['rows_per_s']:.0f} | {s['step_over_one_matmul']:.2f} | {s['step_over_floor']:.2f} | "
                   f"{s['dense_over_step']:.2f} | {s['step_reg_both_s']:.3f} |")
-        lo = result["loader"]
-        print(f"\nLoader ({lo['rows']} rows x {lo['d']} {lo['dtype']}, batch {lo['batch']}): raw sequential read "
-              f"{lo['raw_read_GBps']:.2f} GB/s; streaming epoch 1 (checksums) {lo['stream_epoch1_GBps']:.2f} GB/s "
-              f"({lo['stream_epoch1_rows_per_s']:.0f} rows/s), epoch 2 {lo['stream_epoch2_GBps']:.2f} GB/s "
-              f"({lo['stream_epoch2_rows_per_s']:.0f} rows/s); preloaded epoch 1 (incl. load) "
-              f"{lo['preload_epoch1_rows_per_s']:.0f} rows/s, epoch 2 {lo['preload_epoch2_rows_per_s']:.0f} rows/s; "
-              f"streaming epoch 2 / raw read = {lo['stream_epoch2_over_raw']:.2f}, preloaded epoch 2 / raw read = "
-              f"{lo['preload_epoch2_over_raw']:.2f}; the step consumes {result['steps'][-1]['rows_per_s']:.0f} rows/s")
+    lo = result["loader"]
+    print(f"\nLoader: {lo['rows']} rows x {lo['d']} {lo['dtype']}, batch {lo['batch']}, {lo['buffer_mb']} MB "
+          f"streaming groups, scale {lo['scale']:.4f}, {result['machine']}, best of {lo['rounds']} "
+          "interleaved rounds\n")
+    into = lo["raw_readinto_rows_per_s"]
+    print("| | rows/s | / raw read (the faster of the two) | / raw readinto a preallocated buffer |")
+    print("|---|---|---|---|")
+    for what, key in (("raw sequential read, readinto a preallocated buffer", "raw_readinto_rows_per_s"),
+                      ("raw sequential read, np.fromfile", "raw_fromfile_rows_per_s")):
+        print(f"| {what} | {lo[key]:,.0f} | {lo[key] / lo['raw_rows_per_s']:.2f} | {lo[key] / into:.2f} |")
+    for key in [k[:-len("_epoch1_rows_per_s")] for k in lo if k.endswith("_epoch1_rows_per_s")]:
+        for epoch, what in ((1, "epoch 1 (every shard CRC-checked)"), (2, "steady state (epochs 2-3)")):
+            rate = lo[f"{key}_epoch{epoch}_rows_per_s"]
+            print(f"| {key.replace('_', ', ')}, {what} | {rate:,.0f} | {rate / lo['raw_rows_per_s']:.2f} | "
+                  f"{rate / into:.2f} |")
+        if f"{key}_one_core_ceiling_over_raw" in lo:
+            print(f"| {key.replace('_', ', ')}: ceiling when read and gather share one core | | "
+                  f"{lo[f'{key}_one_core_ceiling_over_raw']:.2f} | |")
+    if result["steps"]:
+        print(f"| the Top-k step consumes (last shape above) | {result['steps'][-1]['rows_per_s']:,.0f} | | |")
 
 
 if __name__ == "__main__":
