@@ -9,6 +9,7 @@ tests here against the in-memory definitions they replace.
 
 import math
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from visionsae.evaluate.metrics import K_BINS_PER_UNIT, KDistribution, k_distrib
 from visionsae.evaluate.probes import TopCodes, fit, run_probes, StreamedScore
 from visionsae.sae import build_sae
 from visionsae.sae.registry import resolve_config
-from visionsae.store import write_array_store
+from visionsae.store import Store, write_array_store
 
 T, D, N_LAT, N_CLASSES = 32, 64, 64, 4
 N_SMALL, GROWTH = 96, 8
@@ -83,6 +84,31 @@ def test_eval_memory_does_not_grow_with_the_rows(grown):
     print(f"traced peaks {peaks}, growth {growth / added_images:.1f} bytes per added image")
     assert growth < 64 * added_images, (peaks, growth / added_images)
     assert growth < 0.01 * row_bytes
+
+
+def test_no_batch_of_rows_outlives_its_batch(grown, monkeypatch):
+    """Every block of rows sae-eval reads is released before the next is read, in the probe-training pass and
+    the held-out pass alike. (tracemalloc does not see torch's allocations, so the test above cannot see a
+    tensor view that pins its batch: the raw probe kept the class token of each probe-training batch as a
+    view, holding all T rows of every batch until the probe was fitted.)"""
+    store, runs = grown
+    alive: list[weakref.ref] = []
+    most, reads = [0], [0]
+    read_slots = Store.read_slots
+
+    def spy(self, layer, slots):
+        out = read_slots(self, layer, slots)
+        alive[:] = [ref for ref in alive if ref() is not None]
+        most[0], reads[0] = max(most[0], len(alive)), reads[0] + 1
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(Store, "read_slots", spy)
+    cfg = EvalConfig(runs[GROWTH * N_SMALL], k_sweep=(2,), probe_budgets=(1, 4), probe_train_images=200,
+                     batch_rows=8 * T, top_images=8, device="cpu", progress=False)
+    evaluate(cfg)
+    assert reads[0] > 100  # both passes read many batches
+    assert most[0] <= 1  # at most the batch in use while the next is read
 
 
 def test_k_distribution_streamed_equals_the_definition():

@@ -22,7 +22,9 @@ def image_vectors(x_RD: torch.Tensor, tokens_per_image: int, token_kind: str) ->
     if tokens_per_image == 1:
         return x_RD
     x_ITD = x_RD.view(-1, tokens_per_image, x_RD.shape[1])
-    return x_ITD[:, 0] if token_kind == "all" else x_ITD.mean(1)
+    # A copy, not a view: a caller that keeps the vectors (the raw probe keeps the probe-training images')
+    # must not keep every row of the batch alive with them (T x the memory: 6 GB at 10,000 ViT images).
+    return x_ITD[:, 0].clone() if token_kind == "all" else x_ITD.mean(1)
 
 
 class OtherEmbeddings:
