@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--keep", action="store_true", help="Keep the stores (default: removed at the end).")
+    ap.add_argument("--stages", default="write,train,eval", help="Stages to run; the others' figures are read "
+                    "from DIR/result.json of an earlier run with --keep (e.g. --stages eval after a fix).")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -140,32 +142,44 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {mem_total_GiB():.1f} GiB memory",
               "date": time.strftime("%Y-%m-%d"), "store_GiB": shape.n_shards * shard_bytes / 2**30,
               "n_shards": shape.n_shards, "n_images": shape.n_images, "rows": shape.n_images * T, "d": D}
-    t = time.perf_counter()
-    for path in (train_store, test_store):
-        if path.exists():
-            shutil.rmtree(path)
-    synthetic_store.write_store(train_store, shape, shard_maker())
-    result["write_s"] = time.perf_counter() - t
-    sibling = Shape(shape.n_shards, IPS, T, D, split="test")
-    synthetic_store.write_store(test_store, sibling, lambda s: None, link_from=train_store)
+    stages = set(args.stages.split(","))
+    earlier = json.loads((root / "result.json").read_text()) if (root / "result.json").exists() else {}
+    if "write" in stages:
+        t = time.perf_counter()
+        for path in (train_store, test_store):
+            if path.exists():
+                shutil.rmtree(path)
+        synthetic_store.write_store(train_store, shape, shard_maker())
+        result["write_s"] = time.perf_counter() - t
+        sibling = Shape(shape.n_shards, IPS, T, D, split="test")
+        synthetic_store.write_store(test_store, sibling, lambda s: None, link_from=train_store)
+    else:
+        result["write_s"] = earlier["write_s"]
 
     # One torch thread: on a shared machine a descheduled OpenMP thread stalls every parallel op (a CPU
     # torch.sort of 65,536 indices took 366 ms with 2 threads under load against 10 ms with 1).
     env_cmd = ["env", "OMP_NUM_THREADS=1"]
     run_dir = root / "run"
-    result["train"] = run_measured(
-        [*env_cmd, str(bin_dir / "sae-train"), "--store", str(train_store), "--layer", LAYER, "--device", "cpu", "--threads", "1",
-         "--n-latents", str(args.n_latents), "--k", str(args.k), "--batch-size", str(args.batch_size),
-         "--epochs", "1", "--val-fraction", "0.01", "--no-progress", "--overwrite", "--out", str(run_dir)],
-        root / "train.log")
     train_rows = int(shape.n_images * 0.99) * T
-    result["train"]["rows_per_s"] = train_rows / result["train"]["wall_s"]
-    result["eval"] = run_measured(
-        [*env_cmd, str(bin_dir / "sae-eval"), str(run_dir), "--store", str(test_store), "--device", "cpu",
-         "--k-sweep", "", "--quiet", "--out", str(root / "report")], root / "eval.log")
-    result["eval"]["rows_per_s"] = shape.n_images * T / result["eval"]["wall_s"]
-    report = json.loads((root / "report" / "report.json").read_text())["checkpoints"][0]
-    result["eval"]["fvu"] = report["reconstruction"]["fvu"]
+    if "train" in stages:
+        result["train"] = run_measured(
+            [*env_cmd, str(bin_dir / "sae-train"), "--store", str(train_store), "--layer", LAYER, "--device", "cpu",
+             "--threads", "1", "--n-latents", str(args.n_latents), "--k", str(args.k), "--batch-size",
+             str(args.batch_size), "--epochs", "1", "--val-fraction", "0.01", "--quiet", "--overwrite", "--out",
+             str(run_dir)], root / "train.log")
+        result["train"]["rows_per_s"] = train_rows / result["train"]["wall_s"]
+    else:
+        result["train"] = earlier["train"]
+    if "eval" in stages:
+        result["eval"] = run_measured(
+            [*env_cmd, str(bin_dir / "sae-eval"), str(run_dir), "--store", str(test_store), "--device", "cpu",
+             "--k-sweep", "", "--quiet", "--out", str(root / "report")], root / "eval.log")
+        result["eval"]["rows_per_s"] = shape.n_images * T / result["eval"]["wall_s"]
+        report = json.loads((root / "report" / "report.json").read_text())["checkpoints"][0]
+        result["eval"]["fvu"] = report["reconstruction"]["fvu"]
+    else:
+        result["eval"] = earlier["eval"]
+    (root / "result.json").write_text(json.dumps(result, indent=1))
     if not args.keep:
         shutil.rmtree(train_store)
         shutil.rmtree(test_store)
