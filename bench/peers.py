@@ -129,7 +129,8 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for impl, r in result["implementations"].items():
         if "not_measured" in r:
-            rows.append(f"| {LABELS[impl]} | {r.get('version', '')} | not measured: {r['not_measured']} "
+            why = r["not_measured"].replace("|", "\\|")  # a reason must not split the table's row
+            rows.append(f"| {LABELS[impl]} | {r.get('version', '')} | not measured: {why} "
                         "| | | | | | |")
             continue
         per_round = ", ".join(f"{x:.2f}" for x in r["per_round_step_over_matmul_cpu"])
