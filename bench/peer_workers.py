@@ -2,8 +2,8 @@
 
 Run by `bench/peers.py` (not by hand), once per implementation, with that implementation's interpreter:
 visionsae with the project's, each peer with the python of its own virtual environment (so this file
-imports nothing from visionsae at module level). It builds the model and the step, runs one warm-up, prints
-`@@READY`, then answers each `time` line on stdin with one `@@RESULT {json}` line: the best CPU time
+imports nothing from visionsae at module level). It builds the model and the step, runs two warm-up
+steps, prints `@@READY`, then answers each `time` line on stdin with one `@@RESULT {json}` line: the best CPU time
 (time.process_time) and wall time of `--reps` encoder matmuls and of `--reps` steps. Other output (peers
 print banners at import) is ignored by the parent, which only reads the `@@` lines.
 
@@ -118,7 +118,7 @@ def build_overcomplete(x_BD, d: int, n: int, k: int):
 def build_dictionary_learning(x_BD, d: int, n: int, k: int):
     # dictionary_learning: TopKTrainer.update(step, x), the whole step (loss with AuxK alpha 1/32, firing
     # counters, backward, decoder-gradient projection, clip 1.0, Adam, LR schedule, decoder renormalisation).
-    # Step 0 also initialises b_dec to the geometric median; the warm-up call takes it.
+    # Step 0 also initialises b_dec to the geometric median; the warm-up takes it.
     from dictionary_learning.trainers.top_k import TopKTrainer
 
     trainer = TopKTrainer(steps=1 << 30, activation_dim=d, dict_size=n, k=k, layer=0, lm_name="bench",
@@ -162,10 +162,13 @@ def main() -> None:
     step, module = BUILDERS[args.impl](x_BD, args.d, args.n_latents, args.k)
     matmul = lambda: F.linear(x_BD, W_ND)  # the limit: x @ W_enc^T, B x d x n, once
     before = [p.detach().clone() for p in module.parameters()]
-    step()  # the warm-up; it must also train, or the timing would be of a step that does nothing
+    # Two warm-up steps; they must train, or the timing would be of a step that does nothing (two, because
+    # dictionary_learning's LR warm-up starts at 0: its step 0 moves only b_dec and the renormalised decoder).
+    step()
+    step()
     moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))
     if moved == 0:
-        sys.exit(f"{args.impl}: the warm-up step changed no parameter")
+        sys.exit(f"{args.impl}: the warm-up steps changed no parameter")
     del before
     matmul()
     info = {"version": importlib.metadata.version(DISTRIBUTIONS[args.impl]), "torch": torch.__version__,

@@ -64,8 +64,8 @@ def ensure_env(envs: Path, name: str, packages: list[str]) -> Path:
     if python.exists() and marker.exists() and json.loads(marker.read_text()) == packages:
         return python
     venv.EnvBuilder(with_pip=True, clear=env.exists()).create(env)
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+    site = Path(subprocess.check_output(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
     host = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
     # A .pth line is appended to sys.path after the environment's own site-packages: its packages win,
     # the host's torch (and whatever else the peer does not pin) fills in.
@@ -116,7 +116,8 @@ class Worker:
 
 
 def summarise(rounds: list[dict]) -> dict:
-    best = {key: min(r[key] for r in rounds) for key in ("step_cpu_s", "matmul_cpu_s", "step_wall_s", "matmul_wall_s")}
+    keys = ("step_cpu_s", "matmul_cpu_s", "step_wall_s", "matmul_wall_s")
+    best = {key: min(r[key] for r in rounds) for key in keys}
     return {**best, "step_over_matmul_cpu": best["step_cpu_s"] / best["matmul_cpu_s"],
             "step_over_matmul_wall": best["step_wall_s"] / best["matmul_wall_s"],
             "per_round_step_over_matmul_cpu": [r["step_cpu_s"] / r["matmul_cpu_s"] for r in rounds],
