@@ -90,18 +90,18 @@ class Worker:
         env.pop("PYTHONPATH", None)
         if impl == "visionsae":
             env["PYTHONPATH"] = str(REPO)  # this checkout, not whatever the venv's editable install points at
-        self.impl, self.log = impl, log
+        self.impl, self.log, self.stderr = impl, log, open(log, "w")
         self.proc = subprocess.Popen(
             [str(python), str(WORKER), impl, "--d", str(shape.d), "--n-latents", str(shape.n_latents),
              "--k", str(shape.k), "--batch", str(shape.batch), "--reps", str(shape.reps)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         self.info = self._read("@@READY ")
 
     def _read(self, tag: str) -> dict:
         for line in self.proc.stdout:
             if line.startswith(tag):
                 return json.loads(line[len(tag):])
-        self.proc.wait()
+        self.close()
         raise NotMeasured(f"worker exited ({self.proc.returncode}): {_last_line(self.log.read_text())}")
 
     def time_round(self) -> dict:
@@ -111,8 +111,9 @@ class Worker:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self.proc.stdin.close()  # the worker's loop ends at end of input
             self.proc.wait()
+        self.stderr.close()
 
 
 def summarise(rounds: list[dict]) -> dict:
