@@ -25,7 +25,7 @@ import sys
 import time
 
 
-def build_visionsae(x_BD, d: int, n: int, k: int):
+def build_visionsae(x_BD, d: int, n: int, k: int, device: str = "cpu"):
     # The same step `sae-train` runs: Run.train_step (forward through the fused encoder + Top-k, AuxK term
     # skipped while no latent can be dead, backward, decoder-gradient projection, clipping, fused Adam,
     # renormalisation, firing counters), with the trainer's defaults (auxk 1/32, grad clip 1, 10M dead rows).
@@ -35,15 +35,17 @@ def build_visionsae(x_BD, d: int, n: int, k: int):
     from visionsae.train.training_run import Run
 
     defaults = TrainConfig.__dataclass_fields__
-    model = build_sae(SAEConfig("topk", d, n, k))
+    import torch
+    model = build_sae(SAEConfig("topk", d, n, k)).to(device)
     run = Run(RunSpec("topk", k, "none", 0.0, 0.0), model, lr=default_lr(n), variance=float(d),
               dead_rows=MAX_DEAD_ROWS, auxk_coeff=defaults["auxk_coeff"].default,
-              grad_clip=defaults["grad_clip"].default, world=1, autocast_dtype=None)
+              grad_clip=defaults["grad_clip"].default, world=1,
+              autocast_dtype=torch.bfloat16 if device == "cuda" else None)  # sae-train's default on CUDA
     steps = iter(range(1 << 30))
     return lambda: run.train_step(x_BD, next(steps), 1 << 30, 1.0), model
 
 
-def build_sparsify(x_BD, d: int, n: int, k: int):
+def build_sparsify(x_BD, d: int, n: int, k: int, device: str = "cpu"):
     # EleutherAI sparsify (eai-sparsify): the per-hookpoint body of Trainer.fit's forward hook plus the
     # optimiser part of its loop, with TrainConfig defaults: optimizer "signum" (ScheduleFreeWrapper around
     # SignSGD, lr 5e-3 / sqrt(n / 2^14)), auxk_alpha 0 (so dead_mask is None), no multi-topk.
@@ -52,18 +54,20 @@ def build_sparsify(x_BD, d: int, n: int, k: int):
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device=device, dtype=torch.float32)
     opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (n / 2 ** 14) ** 0.5)]),
                               momentum=0.95)
     opt.train()
-    since_fired_N = torch.zeros(n, dtype=torch.long)
+    since_fired_N = torch.zeros(n, dtype=torch.long, device=device)
     sae.b_dec.data = x_BD.mean(0)  # the trainer's first-step decoder-bias init (step 0 only)
 
     def step():
-        did_fire_N = torch.zeros(n, dtype=torch.bool)
+        did_fire_N = torch.zeros(n, dtype=torch.bool, device=device)
         sae.set_decoder_norm_to_unit_norm()  # the hook keeps W_dec unit-norm before every forward
         total_variance = (x_BD - x_BD.mean(0)).pow(2).sum()
-        out = sae(x=x_BD, y=x_BD, dead_mask=None, total_variance=total_variance)
+        # On CUDA the trainer runs the forward under bf16 autocast (its default), with its Triton decoder.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = sae(x=x_BD, y=x_BD, dead_mask=None, total_variance=total_variance)
         did_fire_N[out.latent_indices.flatten()] = True
         float(out.fvu.detach())  # the trainer's avg_fvu metric: a host read every step
         loss = out.fvu + 0.0 * out.auxk_loss + out.multi_topk_fvu / 8
@@ -130,15 +134,19 @@ def build_dictionary_learning(x_BD, d: int, n: int, k: int):
 # The distribution each implementation is installed as (its version goes into the report).
 DISTRIBUTIONS = {"visionsae": "visionsae", "sparsify": "eai-sparsify", "saelens": "sae-lens",
                  "overcomplete": "overcomplete", "dictionary_learning": "dictionary-learning"}
+CUDA_IMPLS = ("visionsae", "sparsify")  # the GPU side-by-side of issue 12; the others are timed on the CPU only
 BUILDERS = {"visionsae": build_visionsae, "sparsify": build_sparsify, "saelens": build_saelens,
             "overcomplete": build_overcomplete, "dictionary_learning": build_dictionary_learning}
 
 
-def _best(fn, reps: int) -> tuple[float, float]:
+def _best(fn, reps: int, sync=lambda: None) -> tuple[float, float]:
+    """Best CPU and wall seconds of ``reps`` calls (on CUDA, wall time up to the device's completion)."""
     cpu = wall = float("inf")
     for _ in range(reps):
+        sync()
         c, w = time.process_time(), time.perf_counter()
         fn()
+        sync()
         cpu, wall = min(cpu, time.process_time() - c), min(wall, time.perf_counter() - w)
     return cpu, wall
 
@@ -151,7 +159,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, required=True)
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
+    if args.device == "cuda" and args.impl not in CUDA_IMPLS:
+        sys.exit(f"{args.impl}: timed on the CPU only in this bench (CUDA: {', '.join(CUDA_IMPLS)})")
     import torch
     import torch.nn.functional as F
 
@@ -159,8 +170,14 @@ def main() -> None:
     torch.manual_seed(0)
     x_BD = torch.randn(args.batch, args.d)  # the same batch in every process: same seed, same torch
     W_ND = torch.randn(args.n_latents, args.d) / args.d ** 0.5
-    step, module = BUILDERS[args.impl](x_BD, args.d, args.n_latents, args.k)
-    matmul = lambda: F.linear(x_BD, W_ND)  # the limit: x @ W_enc^T, B x d x n, once
+    cuda = args.device == "cuda"
+    x_BD, W_ND = x_BD.to(args.device), W_ND.to(args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step, module = BUILDERS[args.impl](x_BD, args.d, args.n_latents, args.k, args.device)
+
+    def matmul():  # the limit: x @ W_enc^T, B x d x n, once (bf16 on CUDA, as both steps run their encoder)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            F.linear(x_BD, W_ND)
     before = [p.detach().clone() for p in module.parameters()]
     # Two warm-up steps; they must train, or the timing would be of a step that does nothing (two, because
     # dictionary_learning's LR warm-up starts at 0: its step 0 moves only b_dec and the renormalised decoder).
@@ -177,8 +194,8 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() != "time":
             break
-        matmul_cpu, matmul_wall = _best(matmul, args.reps)
-        step_cpu, step_wall = _best(step, args.reps)
+        matmul_cpu, matmul_wall = _best(matmul, args.reps, sync)
+        step_cpu, step_wall = _best(step, args.reps, sync)
         print("@@RESULT " + json.dumps({
             "matmul_cpu_s": matmul_cpu, "matmul_wall_s": matmul_wall, "step_cpu_s": step_cpu,
             "step_wall_s": step_wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

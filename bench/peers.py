@@ -85,15 +85,17 @@ class Worker:
     """One implementation's process: built once, then timed once per round."""
 
     def __init__(self, impl: str, python: Path, shape: argparse.Namespace, log: Path):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   SPARSIFY_DISABLE_TRITON="1")  # sparsify's Triton decoder is CUDA-only; its eager one runs here
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        if shape.device == "cpu":
+            env["SPARSIFY_DISABLE_TRITON"] = "1"  # sparsify's Triton decoder is CUDA-only; its eager one runs here
         env.pop("PYTHONPATH", None)
         if impl == "visionsae":
             env["PYTHONPATH"] = str(REPO)  # this checkout, not whatever the venv's editable install points at
         self.impl, self.log, self.stderr = impl, log, open(log, "w")
         self.proc = subprocess.Popen(
             [str(python), str(WORKER), impl, "--d", str(shape.d), "--n-latents", str(shape.n_latents),
-             "--k", str(shape.k), "--batch", str(shape.batch), "--reps", str(shape.reps)],
+             "--k", str(shape.k), "--batch", str(shape.batch), "--reps", str(shape.reps),
+             "--device", shape.device],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         self.info = self._read("@@READY ")
 
@@ -145,6 +147,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--envs", type=Path, default=REPO / "bench" / ".peer-envs")
+    ap.add_argument("--in-place", action="store_true", help="Run the peers with this interpreter (they are "
+                    "installed in it already): a machine with no network, e.g. the GPU check")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=1, help="timings of each op per round (best kept)")
     ap.add_argument("--d", type=int, default=768)
@@ -152,6 +156,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--impls", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: visionsae and sparsify only (bf16 autocast, each trainer's CUDA default); compare "
+                         "the wall columns there")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -164,7 +171,8 @@ def main() -> None:
     workers: dict[str, Worker] = {}
     for impl in impls:  # built one after another: warm-ups do not compete with each other
         try:
-            python = Path(sys.executable) if impl == "visionsae" else ensure_env(args.envs, impl, PEERS[impl])
+            python = (Path(sys.executable) if impl == "visionsae" or args.in_place
+                      else ensure_env(args.envs, impl, PEERS[impl]))
             workers[impl] = Worker(impl, python, args, args.envs / f"{impl}.worker.log")
             out[impl] = dict(workers[impl].info)
         except (NotMeasured, OSError, subprocess.CalledProcessError) as e:
