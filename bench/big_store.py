@@ -168,6 +168,7 @@ def main() -> None:
              str(args.batch_size), "--epochs", "1", "--val-fraction", "0.01", "--quiet", "--overwrite", "--out",
              str(run_dir)], root / "train.log")
         result["train"]["rows_per_s"] = train_rows / result["train"]["wall_s"]
+        (root / "result.json").write_text(json.dumps({**earlier, **result}, indent=1))  # a later --stages eval reads it
     else:
         result["train"] = earlier["train"]
     if "eval" in stages:

@@ -108,6 +108,18 @@ def test_the_reader_keeps_few_files_open(tmp_path):
     assert len(store._maps) == reader.MAX_OPEN_MAPS
 
 
+def test_the_reader_keeps_few_bytes_mapped(tmp_path, monkeypatch):
+    """Large shards: the maps held are bounded by bytes too (the pages read of a map count in resident memory)."""
+    from visionsae.store import reader
+    store = open_store(_store(tmp_path / "s.zarr", n_images=40, ips=4))
+    shard_bytes = store.shard_array("e", 0).nbytes
+    monkeypatch.setattr(reader, "MAX_MAPPED_BYTES", 3 * shard_bytes)
+    for s in range(store.n_shards):
+        store.shard_array("e", s)
+        assert sum(a.nbytes for a in store._maps.values()) == store._mapped_bytes <= 3 * shard_bytes
+    assert list(store._maps) == [("e", s) for s in (7, 8, 9)]  # the most recent ones
+
+
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory, request):
     """2,000 shards of 2 images (d = 8). fsync is skipped: this store is about reading, and 10,000 fsyncs

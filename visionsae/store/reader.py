@@ -9,7 +9,9 @@ decoding) unless the store was written in compressed archive mode, where zarr de
 
 Costs are O(1) per shard, whatever the number of shards: the manifest is parsed once (on first use,
 so opening reads only the root and layer metadata), a verified chunk is never verified again, and at
-most MAX_OPEN_MAPS shard memory maps are held (each holds a file descriptor; an LRU closes the rest).
+most MAX_OPEN_MAPS shard memory maps, and at most MAX_MAPPED_BYTES of them, are held (each holds a file
+descriptor, and the pages of its file that were read count in the process's resident memory until it is
+unmapped; an LRU closes the rest).
 The first use of a layer cross-checks its ``mean`` and its ``count`` / ``mean_sq_norm`` attributes
 against the per-shard statistics of the manifest, since the trainer takes its input scale from them.
 """
@@ -31,6 +33,9 @@ from visionsae.store.layout import (FORMAT, FORMAT_VERSION, aggregate_stats, for
                                     layer_fingerprint, shard_record_name, store_fingerprint, to_float32)
 
 MAX_OPEN_MAPS = 32  # shard memory maps kept open (one file descriptor each)
+# ... and their bytes: at ImageNet's shape a shard is 310 MB, and 32 maps that were read whole showed as
+# 10 GB of sae-eval's resident memory (clean page cache the kernel may drop, but memory to anyone looking).
+MAX_MAPPED_BYTES = 1 << 30
 IMAGE_ARRAYS = ("index", "label", "valid")
 STATS_RTOL = 1e-9  # float64 sums in another order (a plain-zarr writer) agree to far better than this
 
@@ -84,6 +89,7 @@ class Store:
         self._stats_checked: set[str] = set()
         self._verified: set[tuple[int, str]] = set()  # (shard, chunk key) whose checksum matched
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._mapped_bytes = 0  # bytes of the maps held in _maps
 
     # --- metadata -----------------------------------------------------------------------------
     @property
@@ -190,8 +196,10 @@ class Store:
             self.verify_shard(shard, layers=[info.name])
             a, b = self.shard_rows(info.name, shard)
             arr = self._maps[key] = self._src.shard_acts(info, shard, a, b, self.images_per_shard)
-            if len(self._maps) > MAX_OPEN_MAPS:
-                self._maps.popitem(last=False)  # its file descriptor closes once no caller holds it
+            self._mapped_bytes += arr.nbytes
+            while len(self._maps) > 1 and (len(self._maps) > MAX_OPEN_MAPS or self._mapped_bytes > MAX_MAPPED_BYTES):
+                _, old = self._maps.popitem(last=False)  # unmapped (and its file closed) once no caller holds it
+                self._mapped_bytes -= old.nbytes
         else:
             self._maps.move_to_end(key)
         return arr
