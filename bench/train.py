@@ -98,6 +98,49 @@ def bench_step(d: int, n: int, k: int, B: int, device: torch.device, warmup: int
     return out
 
 
+# (label, arch, where in a run of VARIANT_RUN steps the timed steps sit): SoftSAE's step differs by phase.
+VARIANTS = (("topk", "topk", 0.5), ("batchtopk", "batchtopk", 0.5), ("relu", "relu", 0.5),
+            ("softk, soft phase", "softk", 0.5), ("softk, hard phase", "softk", 0.95))
+VARIANT_RUN = 10_000
+
+
+def bench_variants(d: int, n: int, k: int, B: int, device: torch.device, warmup: int, reps: int) -> dict:
+    """Each variant's whole training step (trainer defaults, no regularizer) on one batch, in interleaved
+    rounds, against the Top-k step and one encoder matmul of the same run."""
+    from visionsae.sae import build_sae
+    from visionsae.sae.registry import resolve_config
+
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    x_BD = torch.randn(B, d, device=device)
+    W_ND = torch.randn(n, d, device=device) / d ** 0.5
+
+    def matmul():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None):
+            F.linear(x_BD, W_ND)
+
+    fns = {"encoder_matmul": matmul}
+    for label, arch, where in VARIANTS:
+        torch.manual_seed(0)
+        # variance fraction 0.3: about what image embeddings leave after centring (SoftSAE's default weight)
+        model = build_sae(resolve_config(arch, d, n, k, variance_fraction=0.3)).to(device)
+        run = Run(RunSpec(arch, k, "none", 0.0, 0.0), model, lr=default_lr(n), variance=float(d),
+                  dead_rows=1 << 62, auxk_coeff=1 / 32, grad_clip=1.0, world=1, autocast_dtype=autocast)
+        first = int(where * VARIANT_RUN)
+        counter = iter(range(first, VARIANT_RUN))
+        fns[label] = lambda run=run, counter=counter: run.train_step(x_BD, next(counter), VARIANT_RUN, 1.0)
+    best = {label: float("inf") for label in fns}
+    for r in range(warmup + reps):
+        for label, fn in fns.items():
+            t = _time(fn, device, 0, 1)
+            if r >= warmup:
+                best[label] = min(best[label], t)
+    out = {"d": d, "n_latents": n, "k": k, "batch": B, "encoder_matmul_s": best.pop("encoder_matmul")}
+    out["variants"] = {label: {"step_s": t, "over_topk": t / best["topk"], "over_one_matmul": t / out["encoder_matmul_s"]}
+                       for label, t in best.items()}
+    return out
+
+
 def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device, rounds: int,
                  buffer_mb: int = 64) -> dict:
     """The loader's rows/s against a raw sequential read of the same bytes, in interleaved rounds (best of each).
@@ -193,6 +236,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--loader-only", action="store_true", help="only the loader against the raw read")
+    ap.add_argument("--variants", action="store_true", help="only each variant's step against Top-k's and one "
+                    "encoder matmul (the shapes of --quick or all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,6 +245,17 @@ def main() -> None:
     shapes = [(256, 2048, 32, 1024)]
     if not args.quick:
         shapes.append((768, 16384, 32, 4096))
+    if args.variants:
+        rows = [bench_variants(d, n, k, B, device, warmup=1, reps=args.reps) for d, n, k, B in shapes]
+        print(json.dumps(rows, indent=1))
+        if args.markdown:
+            print("\n| d | latents | k | batch | variant | step (s) | / Top-k step | / 1 enc. matmul |")
+            print("|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                for label, v in r["variants"].items():
+                    print(f"| {r['d']} | {r['n_latents']} | {r['k']} | {r['batch']} | {label} | {v['step_s']:.3f} | "
+                          f"{v['over_topk']:.2f} | {v['over_one_matmul']:.2f} |")
+        return
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__,
