@@ -32,6 +32,15 @@ FORMAT = "hdf5"
 H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError)  # what h5py raises when HDF5 fails (disk full: RuntimeError)
 
 
+def image_key(name: str, shard: int) -> str:
+    """The dataset holding image array ``name`` (every shard is a slice of it): writer and reader."""
+    return f"/images/{name}"
+
+
+def acts_key(layer: str, shard: int) -> str:
+    return f"/layers/{layer}/acts"
+
+
 def is_store(path: Path) -> bool:
     """An HDF5 file (format_on_disk says "hdf5") with visionsae's root attributes."""
     import h5py
@@ -169,11 +178,11 @@ class H5ChunkWriter:
         f = self._file
         start, stop = self.spec.shard_slots(shard)
         chunks = {}
-        arrays = {"/images/index": (index, start, stop), "/images/label": (label, start, stop),
-                  "/images/valid": (valid_u8, start, stop)}
+        arrays = {image_key(a, shard): (data, start, stop)
+                  for a, data in (("index", index), ("label", label), ("valid", valid_u8))}
         for layer in self.spec.layers:
             T = layer.tokens_per_image
-            arrays[f"/layers/{layer.name}/acts"] = (stored[layer.name], start * T, stop * T)
+            arrays[acts_key(layer.name, shard)] = (stored[layer.name], start * T, stop * T)
         self._room(f"shard {shard}", 0 if self._reserved else sum(d.nbytes for d, _, _ in arrays.values()))
         try:
             for name, (data, a, b) in arrays.items():
@@ -295,13 +304,8 @@ class H5Reader:
     def records(self, n_shards: int | None = None) -> dict[int, dict[str, Any]]:
         return _read_records(self.file, n_shards)
 
-    @staticmethod
-    def image_key(name: str, shard: int) -> str:
-        return f"/images/{name}"
-
-    @staticmethod
-    def acts_key(layer: str, shard: int) -> str:
-        return f"/layers/{layer}/acts"
+    image_key = staticmethod(image_key)
+    acts_key = staticmethod(acts_key)
 
     def _acts_array(self, layer: str, dtype: np.dtype) -> np.ndarray:
         dset = self.file[f"layers/{layer}/acts"]

@@ -61,6 +61,15 @@ def read_records(path: Path, n_shards: int | None = None) -> dict[int, dict[str,
     return out
 
 
+def image_key(name: str, shard: int) -> str:
+    """The chunk file of shard ``shard`` of image array ``name`` (cache_layout.md section 2): writer and reader."""
+    return f"images/{name}/c/{shard}"
+
+
+def acts_key(layer: str, shard: int) -> str:
+    return f"layers/{layer}/acts/c/{shard}/0"
+
+
 def is_store(path: Path) -> bool:
     try:
         return "visionsae" in json.loads((path / "zarr.json").read_text()).get("attributes", {})
@@ -138,11 +147,11 @@ class ZarrChunkWriter:
         return names
 
     def write_chunks(self, shard, index, label, valid_u8, stored):
-        arrays = {"images/index": index, "images/label": label, "images/valid": valid_u8}
-        arrays.update({f"layers/{la.name}/acts": stored[la.name] for la in self.spec.layers})
+        arrays = [(f"images/{a}", image_key(a, shard), data)
+                  for a, data in (("index", index), ("label", label), ("valid", valid_u8))]
+        arrays += [(f"layers/{la.name}/acts", acts_key(la.name, shard), stored[la.name]) for la in self.spec.layers]
         chunks = {}
-        for name, data in arrays.items():
-            key = f"{name}/c/{shard}" + ("/0" if data.ndim == 2 else "")
+        for name, key, data in arrays:
             if self.spec.compressed:
                 blob = self._write_with_zarr(name, shard, data, key)
             else:
@@ -233,13 +242,8 @@ class ZarrReader:
         import zarr
         return zarr.open_array(str(self.path / name), mode="r")[...]
 
-    @staticmethod
-    def image_key(name: str, shard: int) -> str:
-        return f"images/{name}/c/{shard}"
-
-    @staticmethod
-    def acts_key(layer: str, shard: int) -> str:
-        return f"layers/{layer}/acts/c/{shard}/0"
+    image_key = staticmethod(image_key)
+    acts_key = staticmethod(acts_key)
 
     def _acts_meta(self, info: "LayerInfo", ips: int) -> dict[str, Any]:
         name = f"layers/{info.name}/acts"
