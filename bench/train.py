@@ -62,7 +62,8 @@ def _time(fn, device, warmup: int, reps: int) -> float:
     return best
 
 
-def bench_step(d: int, n: int, k: int, B: int, device: torch.device, warmup: int, reps: int) -> dict:
+def _batch_and_matmul(d: int, n: int, B: int, device: torch.device):
+    """(autocast dtype, the fixed batch, the limit: one encoder matmul x @ W_enc^T of the same shape)."""
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
     x_BD = torch.randn(B, d, device=device)
@@ -71,7 +72,23 @@ def bench_step(d: int, n: int, k: int, B: int, device: torch.device, warmup: int
     def matmul():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None):
             F.linear(x_BD, W_ND)
+    return autocast, x_BD, matmul
 
+
+def _interleaved_best(fns: dict, device: torch.device, warmup: int, reps: int) -> dict[str, float]:
+    """Rounds that time every function once, best of the rounds: load from other processes on a shared
+    machine then hits all of them alike instead of whichever happened to run during a busy spell."""
+    best = {label: float("inf") for label in fns}
+    for r in range(warmup + reps):
+        for label, fn in fns.items():
+            t = _time(fn, device, 0, 1)
+            if r >= warmup:
+                best[label] = min(best[label], t)
+    return best
+
+
+def bench_step(d: int, n: int, k: int, B: int, device: torch.device, warmup: int, reps: int) -> dict:
+    autocast, x_BD, matmul = _batch_and_matmul(d, n, B, device)
     fns = {"encoder_matmul": matmul}
     for label, cls, reg in (("step", TopKSAE, "none"), ("dense_step", DenseDecodeTopK, "none"),
                             ("step_reg_both", TopKSAE, "both")):
@@ -81,14 +98,7 @@ def bench_step(d: int, n: int, k: int, B: int, device: torch.device, warmup: int
                   dead_rows=1 << 62, auxk_coeff=0.0, grad_clip=1.0, world=1, autocast_dtype=autocast)
         counter = iter(range(1 << 30))
         fns[label] = lambda run=run, counter=counter: run.train_step(x_BD, next(counter), 1 << 30, 1.0)
-    # Rounds that time every variant once, best of the rounds: load from other processes on a shared
-    # machine then hits all variants alike instead of whichever happened to run during a busy spell.
-    best = {label: float("inf") for label in fns}
-    for r in range(warmup + reps):
-        for label, fn in fns.items():
-            t = _time(fn, device, 0, 1)
-            if r >= warmup:
-                best[label] = min(best[label], t)
+    best = _interleaved_best(fns, device, warmup, reps)
     out = {"d": d, "n_latents": n, "k": k, "batch": B, **{f"{label}_s": t for label, t in best.items()}}
     out["floor_s"] = 3 * out["encoder_matmul_s"]
     out["rows_per_s"] = B / out["step_s"]
@@ -110,15 +120,7 @@ def bench_variants(d: int, n: int, k: int, B: int, device: torch.device, warmup:
     from visionsae.sae import build_sae
     from visionsae.sae.registry import resolve_config
 
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    torch.manual_seed(0)
-    x_BD = torch.randn(B, d, device=device)
-    W_ND = torch.randn(n, d, device=device) / d ** 0.5
-
-    def matmul():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None):
-            F.linear(x_BD, W_ND)
-
+    autocast, x_BD, matmul = _batch_and_matmul(d, n, B, device)
     fns = {"encoder_matmul": matmul}
     for label, arch, where in VARIANTS:
         torch.manual_seed(0)
@@ -129,12 +131,7 @@ def bench_variants(d: int, n: int, k: int, B: int, device: torch.device, warmup:
         first = int(where * VARIANT_RUN)
         counter = iter(range(first, VARIANT_RUN))
         fns[label] = lambda run=run, counter=counter: run.train_step(x_BD, next(counter), VARIANT_RUN, 1.0)
-    best = {label: float("inf") for label in fns}
-    for r in range(warmup + reps):
-        for label, fn in fns.items():
-            t = _time(fn, device, 0, 1)
-            if r >= warmup:
-                best[label] = min(best[label], t)
+    best = _interleaved_best(fns, device, warmup, reps)
     out = {"d": d, "n_latents": n, "k": k, "batch": B, "encoder_matmul_s": best.pop("encoder_matmul")}
     out["variants"] = {label: {"step_s": t, "over_topk": t / best["topk"], "over_one_matmul": t / out["encoder_matmul_s"]}
                        for label, t in best.items()}
