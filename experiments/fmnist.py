@@ -14,7 +14,7 @@ stopped (the extraction resumes inside its store):
             coefficient per regularizer. No test image is read.
 3. grid     per layer, Top-k x {none, off, ratio, both} x k in {8, 16, 32, 64} with the chosen coefficients,
             BatchTopK at the same k, SoftSAE at targets k = 16 and 32 trained for SOFTK_MIN_STEPS steps or
-            more (it needs that long to reach its target); a second seed for Top-k at k = 16; and the
+            more (it needs that long to reach its target) at batch SOFTK_BATCH; a second seed for Top-k at k = 16; and the
             --reg-on ablation: the three regularized Top-k models at k = 16 with the penalties on relu(z).
 4. test     sae-eval of every grid checkpoint on the 10,000 test images (a sibling store of the train store;
             probes train on train images) twice: MS on the evaluated layer's own image vectors (test/<layer>)
@@ -25,6 +25,9 @@ stopped (the extraction resumes inside its store):
             regularizers' extra dead latents remain once the dead fraction stops falling.
 6. summary  tables and plots in OUT/summary (experiments/fmnist_summary.py).
 
+``--stages`` and ``--layers`` split the work between processes (one per core), e.g. after the extraction
+and the tuning: ``--layers embedding --stages grid,test`` beside ``--layers stage_5 --stages grid,test,length``.
+
 Wall time per stage goes to OUT/times.json; each command's output to OUT/logs/.
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +56,8 @@ GAMMAS = (1e-3, 1e-2)  # l1/l2 ratio candidates
 SEEDS_AT_TUNE_K = (0, 1)  # Top-k at k = 16, where the differences are small: a second seed (a third costs ~10 min here)
 SOFTK_KS = (16, 32)  # two targets; SoftSAE's step costs ~5x a Top-k step here (LapSum sort, k-estimator MLP)
 SOFTK_MIN_STEPS = 1500  # SoftSAE's mean k settles near its target only after about this many steps
+SOFTK_BATCH = 1024  # SoftSAE's batch on both layers: its soft-phase step costs ~9x (embedding) to ~21x (stage_5)
+#                     a Top-k step on one CPU thread, so it takes more, smaller steps (1.5M rows, more than Top-k's)
 REG_ON_ABLATION_K = 16  # the regularized Top-k models again with the penalties on relu(z) instead of |z|
 LENGTH_STEPS = {"embedding": (300, 1000, 3000), "stage_5": (200, 1000, 3000)}  # dead fraction vs training length
 FVU_SLACK = 1.05  # "no cost in reconstruction": validation FVU within 5% of the unregularized model's
@@ -62,6 +68,7 @@ LAYERS = {
     "stage_5": {"expansion": 8, "batch": 4096, "steps": 200, "eval_images": 3000, "tune_images": 2000},
 }
 K_SWEEP = "4,8,16,32,64,128"
+STAGES = ("extract", "tune", "grid", "test", "length", "summary")
 PROBE_BUDGETS = "1,2,4,8,16"
 
 
@@ -69,6 +76,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/fmnist", help="Folder for stores, runs, reports, summary.")
     ap.add_argument("--layers", default=",".join(LAYERS), help="Subset of: " + ", ".join(LAYERS))
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="Subset of: " + ", ".join(STAGES) + " (so that two processes can share the layers' work; "
+                    "a stage needs the outputs of the stages before it).")
     ap.add_argument("--steps", type=int, default=None, help="Training steps of every sweep (default: per layer, "
                     + ", ".join(f"{k} {v['steps']}" for k, v in LAYERS.items()) + ").")
     args = ap.parse_args()
@@ -79,28 +89,42 @@ def main() -> None:
     layers = [name for name in args.layers.split(",") if name]
     if unknown := set(layers) - set(LAYERS):
         sys.exit(f"error: unknown layer(s) {', '.join(sorted(unknown))}: choose from {', '.join(LAYERS)}")
+    stages = [name for name in args.stages.split(",") if name]
+    if unknown := set(stages) - set(STAGES):
+        sys.exit(f"error: unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
     if not (DATA / "train-images-idx3-ubyte.gz").exists():
         sys.exit(f"error: Fashion-MNIST is not in {DATA}: install it with `apt-get install dataset-fashion-mnist`")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     times = Times(out / "times.json")
 
+    if "extract" in stages:
+        extract_all(out, times)
+    for layer in layers:
+        chosen = None
+        for stage in ("tune", "grid", "test", "length"):
+            if stage not in stages:
+                continue
+            with times.stage(f"{stage}/{layer}"):
+                if stage == "tune":
+                    chosen = tune(out, layer)
+                elif stage == "test":
+                    test(out, layer)
+                else:
+                    chosen = chosen or chosen_coefficients(out, layer)
+                    (grid if stage == "grid" else length)(out, layer, chosen)
+    if "summary" in stages:
+        with times.stage("summary"):
+            run([BIN / "python", REPO / "experiments" / "fmnist_summary.py", out, *layers],
+                out / "logs" / "summary.log")
+        print(f"done: {out / 'summary' / 'summary.md'}; wall times in {out / 'times.json'}")
+
+
+def extract_all(out: Path, times: "Times") -> None:
     with times.stage("extract"):
         for split, name in (("train", "train.zarr"), ("val", "test.zarr")):
             extract(out / name, split, out / "logs" / f"extract-{split}.log")
         extract(out / "lite2-test.zarr", "val", out / "logs" / "extract-lite2-val.log", model="efficientnet-lite2",
                 layers="embedding")
-    for layer in layers:
-        with times.stage(f"tune/{layer}"):
-            chosen = tune(out, layer)
-        with times.stage(f"grid/{layer}"):
-            grid(out, layer, chosen)
-        with times.stage(f"test/{layer}"):
-            test(out, layer)
-        with times.stage(f"length/{layer}"):
-            length(out, layer, chosen)
-    with times.stage("summary"):
-        run([BIN / "python", REPO / "experiments" / "fmnist_summary.py", out, *layers], out / "logs" / "summary.log")
-    print(f"done: {out / 'summary' / 'summary.md'}; wall times in {out / 'times.json'}")
 
 
 class Times:
@@ -109,16 +133,18 @@ class Times:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
 
     @contextlib.contextmanager
     def stage(self, name: str):
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         t0, commands = time.perf_counter(), COMMANDS_RUN[0]
         yield
-        if COMMANDS_RUN[0] > commands:
-            self.data[name] = round(time.perf_counter() - t0, 1)
-            self.path.write_text(json.dumps(self.data, indent=1))
+        if COMMANDS_RUN[0] > commands:  # read again: another process may have recorded its stages meanwhile
+            data = json.loads(self.path.read_text()) if self.path.exists() else {}
+            data[name] = round(time.perf_counter() - t0, 1)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(self.path)
 
 
 COMMANDS_RUN = [0]  # how many commands run() has started, so Times can tell a stage that worked from a skip
@@ -157,7 +183,7 @@ def extract(path: Path, split: str, log: Path, model: str = "efficientnet-lite0"
 
 
 def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, regs: str, betas, gammas,
-          seed: int = 0, steps: int | None = None, reg_on: str = "raw") -> None:
+          seed: int = 0, steps: int | None = None, batch: int | None = None, reg_on: str = "raw") -> None:
     """One sae-train sweep (every combination in one pass over the data); skipped when it finished before."""
     if finished_checkpoints(out_dir):
         return
@@ -166,7 +192,8 @@ def train(out_dir: Path, store: Path, layer: str, log: Path, *, archs: str, ks, 
     resume = ["--resume"] if (out_dir / "trainer_state.pt").exists() else ["--overwrite"]
     run([BIN / "sae-train", "--store", store, "--layer", layer, "--arch", archs, "--k", ",".join(map(str, ks)),
          "--reg", regs, "--beta", ",".join(map(str, betas)), "--gamma", ",".join(map(str, gammas)),
-         "--reg-on", reg_on, "--expansion", s["expansion"], "--batch-size", s["batch"], "--steps", steps or s["steps"],
+         "--reg-on", reg_on, "--expansion", s["expansion"], "--batch-size", batch or s["batch"],
+         "--steps", steps or s["steps"],
          "--val-fraction", 0.1, "--seed", seed, "--save-every", 150, "--out", out_dir, "--no-progress", *resume], log)
 
 
@@ -204,6 +231,13 @@ def tune(out: Path, layer: str) -> dict:
     return chosen
 
 
+def chosen_coefficients(out: Path, layer: str) -> dict:
+    path = out / "tune" / layer / "chosen.json"
+    if not path.exists():
+        sys.exit(f"error: {path} is missing: run the tune stage of {layer} first (--stages tune)")
+    return json.loads(path.read_text())
+
+
 def choose(checkpoints: list[dict]) -> dict:
     """Per regularizer, the coefficient with the highest validation MS among those whose validation FVU is
     within FVU_SLACK of the unregularized model's; if none is, the one with the lowest FVU. "both" combines
@@ -231,7 +265,7 @@ def grid(out: Path, layer: str, chosen: dict) -> None:
     train(root / "batchtopk-s0", store, layer, log, archs="batchtopk", ks=KS, regs="none", **coeffs)
     for k in SOFTK_KS:  # one k per folder (softk-k<k>-none/ inside), each with the run length it needs
         train(root / f"softk-k{k}-s0", store, layer, log, archs="softk", ks=[k], regs="none",
-              steps=max(SOFTK_MIN_STEPS, LAYERS[layer]["steps"]), **coeffs)
+              steps=max(SOFTK_MIN_STEPS, LAYERS[layer]["steps"]), batch=SOFTK_BATCH, **coeffs)
     for seed in SEEDS_AT_TUNE_K[1:]:
         train(root / f"topk-k{TUNE_K}-s{seed}", store, layer, log, archs="topk", ks=[TUNE_K], regs=",".join(REGS),
               seed=seed, **coeffs)
