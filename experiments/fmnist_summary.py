@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from visionsae.evaluate.purity import MIN_FIRING_IMAGES  # noqa: E402
+
 METHODS = ("topk/none", "topk/off", "topk/ratio", "topk/both", "softk", "batchtopk")
 LABELS = {"topk/none": "Top-k", "topk/off": "Top-k + off-support l1", "topk/ratio": "Top-k + l1/l2",
           "topk/both": "Top-k + both", "softk": "SoftSAE", "batchtopk": "BatchTopK"}
@@ -39,7 +41,8 @@ def metrics(ck: dict) -> dict[str, float]:
     """The figures the tables and plots use, from one checkpoint's report entry."""
     out = {"fvu": ck["reconstruction"]["fvu"], "l0": ck["sparsity"]["l0"],
            "dead": 100 * ck["sparsity"]["dead_fraction"], "ms": ck["monosemanticity"]["mean"],
-           "purity": ck["purity"]["top"]["mean"], "l1l2": ck["sparsity"]["l1_l2_ratio"]}
+           "purity": ck["purity"]["top"]["mean"], "l1l2": ck["sparsity"]["l1_l2_ratio"],
+           "n_ms": ck["monosemanticity"]["n_latents"], "n_purity": ck["purity"]["top"]["n_latents"]}
     for kp, rec in ck["k_sweep"].items():
         out[f"fvu@{kp}"] = rec["fvu"]
     for m, rec in ck["probes"].get("budgets", {}).items():
@@ -93,10 +96,14 @@ def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
                      f"{100 * c['dead_fraction']:.1f}%", "yes" if c["within_limit"] else "no",
                      "**yes**" if c["chosen"] else ""] for c in chosen["candidates"]])
     lines.append("")
-    for key, title, digits in (("fvu", "FVU at the training k (lower is better)", 4),
-                               ("ms", "Monosemanticity Score, mean over live latents", 3),
-                               ("purity", "Class purity of the top-50 images, mean over live latents", 3),
-                               ("dead", "Dead latents on the test images (%)", 1), ("l0", "L0 (mean firing latents)", 1)):
+    scored = f"latents firing on at least {MIN_FIRING_IMAGES} test images"
+    for key, title, digits in (
+            ("fvu", "FVU at the training k (lower is better)", 4),
+            ("ms", f"Monosemanticity Score (e_n: {group['ms_encoder']}), mean over {scored}", 3),
+            ("purity", f"Class purity of the top-50 images, mean over {scored}", 3),
+            ("n_ms", f"Latents in the MS average ({scored})", 0),
+            ("n_purity", f"Latents in the purity average ({scored} with a label)", 0),
+            ("dead", "Dead latents on the test images (%)", 1), ("l0", "L0 (mean firing latents)", 1)):
         lines += [f"**{title}**", ""]
         lines += table(["method", *[f"k = {k}" for k in ks]],
                        [[LABELS[m], *[fmt(cells.get((m, k), []), key, digits) for k in ks]] for m in METHODS])
