@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visionsae.sae import architectures, build_sae, load_checkpoint, save_checkpoint
 from visionsae.sae.dictionary import encode_affine, gather_decode, geometric_median
@@ -31,14 +32,32 @@ def test_all_variants_registered():
     assert set(BUILTIN) <= set(architectures())
 
 
-def test_gather_decode_matches_dense_and_passes_gradcheck():
+@pytest.mark.parametrize("k", [K, N // 4], ids=["gathered", "dense"])  # K < N/10 gathers rows, N/4 is one matmul
+def test_gather_decode_matches_dense_and_passes_gradcheck(k):
     torch.manual_seed(1)
     W_ND = torch.randn(N, D, dtype=torch.double, requires_grad=True)
-    acts_BK = torch.rand(5, K, dtype=torch.double, requires_grad=True)
-    idx_BK = torch.stack([torch.randperm(N)[:K] for _ in range(5)])
+    acts_BK = torch.rand(5, k, dtype=torch.double, requires_grad=True)
+    idx_BK = torch.stack([torch.randperm(N)[:k] for _ in range(5)])
     dense_BN = torch.zeros(5, N, dtype=torch.double).scatter(1, idx_BK, acts_BK)
     assert torch.allclose(gather_decode(acts_BK, idx_BK, W_ND), dense_BN @ W_ND)
     assert torch.autograd.gradcheck(lambda a, w: gather_decode(a, idx_BK, w), (acts_BK, W_ND))
+
+
+def test_gather_decode_paths_agree_in_float32():
+    """The dense path (K >= N/10, e.g. AuxK's k_aux = d/2) gives embedding_bag's values and gradients."""
+    torch.manual_seed(3)
+    n, d, k = 640, 96, 160
+    W_ND = torch.randn(n, d, requires_grad=True)
+    acts_BK = torch.rand(64, k, requires_grad=True)
+    idx_BK = torch.stack([torch.randperm(n)[:k] for _ in range(64)])
+    g_BD = torch.randn(64, d)
+    results = []
+    for decode in (gather_decode, lambda a, i, w: F.embedding_bag(i, w, per_sample_weights=a, mode="sum")):
+        y_BD = decode(acts_BK, idx_BK, W_ND)
+        grad_a, grad_W = torch.autograd.grad(y_BD, (acts_BK, W_ND), g_BD)
+        results.append((y_BD, grad_a, grad_W))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_backward_matches_autograd():
