@@ -14,15 +14,16 @@ stopped (the extraction resumes inside its store):
             coefficient per regularizer. No test image is read.
 3. grid     per layer, Top-k x {none, off, ratio, both} x k in {8, 16, 32, 64} with the chosen coefficients,
             BatchTopK at the same k, SoftSAE at targets k = 16 and 32 trained for SOFTK_MIN_STEPS steps or
-            more (it needs that long to reach its target) at batch SOFTK_BATCH; a second seed for Top-k at k = 16; and the
-            --reg-on ablation: the three regularized Top-k models at k = 16 with the penalties on relu(z).
+            more (it needs that long to reach its target) at batch SOFTK_BATCH; a second seed for Top-k at
+            k = 16; and the --reg-on ablation: the three regularized Top-k models at k = 16 with the penalties on relu(z).
 4. test     sae-eval of every grid checkpoint on the 10,000 test images (a sibling store of the train store;
             probes train on train images) twice: MS on the evaluated layer's own image vectors (test/<layer>)
             and on EfficientNet-Lite2's embeddings (test/<layer>-lite2); and SoftSAE's per-input k against
             input complexity (claim d).
-5. length   per layer, the Top-k k = 16 models (all four regularizer settings) at several training lengths:
-            the held-out dead fraction against steps (length/<layer>/dead_vs_steps.json), to see whether the
-            regularizers' extra dead latents remain once the dead fraction stops falling.
+5. length   per layer, the Top-k k = 16 models (all four regularizer settings) at several training lengths
+            (the grid's models are the shortest): the held-out dead fraction against steps
+            (length/<layer>/dead_vs_steps.json), to see whether the regularizers' extra dead latents remain
+            once the dead fraction stops falling.
 6. summary  tables and plots in OUT/summary (experiments/fmnist_summary.py).
 
 ``--stages`` and ``--layers`` split the work between processes (one per core), e.g. after the extraction
@@ -59,9 +60,9 @@ SOFTK_MIN_STEPS = 1500  # SoftSAE's mean k settles near its target only after ab
 SOFTK_BATCH = 1024  # SoftSAE's batch on both layers: its soft-phase step costs ~9x (embedding) to ~21x (stage_5)
 #                     a Top-k step on one CPU thread, so it takes more, smaller steps (1.5M rows, more than Top-k's)
 REG_ON_ABLATION_K = 16  # the regularized Top-k models again with the penalties on relu(z) instead of |z|
-# dead fraction vs training length; stage_5 keeps every latent alive from 200 steps on (2.65M token rows), so
-# one longer run only checks that it stays so
-LENGTH_STEPS = {"embedding": (300, 1000, 3000), "stage_5": (200, 1000)}
+# Dead fraction against training length: the grid's k = 16 models (the layer's steps) and these longer runs.
+# stage_5 keeps every latent alive from 200 steps on (2.65M token rows), so one longer run only checks that.
+LENGTH_STEPS = {"embedding": (1000, 2000), "stage_5": (1000,)}
 FVU_SLACK = 1.05  # "no cost in reconstruction": validation FVU within 5% of the unregularized model's
 
 # Per layer: SAE width and training budget, and how many test images the evaluation reads.
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES),
                     help="Subset of: " + ", ".join(STAGES) + " (so that two processes can share the layers' work; "
                     "a stage needs the outputs of the stages before it).")
+    ap.add_argument("--length-steps", default=None,
+                    help="Train only these lengths of the length stage (comma list; default: all of LENGTH_STEPS).")
     ap.add_argument("--steps", type=int, default=None, help="Training steps of every sweep (default: per layer, "
                     + ", ".join(f"{k} {v['steps']}" for k, v in LAYERS.items()) + ").")
     args = ap.parse_args()
@@ -113,7 +116,11 @@ def main() -> None:
                     test(out, layer)
                 else:
                     chosen = chosen or chosen_coefficients(out, layer)
-                    (grid if stage == "grid" else length)(out, layer, chosen)
+                    if stage == "grid":
+                        grid(out, layer, chosen)
+                    else:
+                        only = {int(v) for v in args.length_steps.split(",")} if args.length_steps else None
+                        length(out, layer, chosen, only)
     if "summary" in stages:
         with times.stage("summary"):
             run([BIN / "python", REPO / "experiments" / "fmnist_summary.py", out, *layers],
@@ -299,22 +306,31 @@ def test(out: Path, layer: str) -> None:
 
 
 
-def length(out: Path, layer: str, chosen: dict) -> None:
+def length(out: Path, layer: str, chosen: dict, only_steps: set[int] | None = None) -> None:
     """Top-k at k = 16, all four regularizer settings, at each training length: held-out (validation) dead
-    fraction and FVU from each final checkpoint, in length/<layer>/dead_vs_steps.json."""
+    fraction and FVU from each final checkpoint, in length/<layer>/dead_vs_steps.json. The shortest length is
+    the grid's own (its k = 16 models of seed 0, the same settings); ``only_steps`` trains only those lengths,
+    so that two processes can share the runs (the table is written once every length has finished)."""
     root, dest = out / "length" / layer, out / "length" / layer / "dead_vs_steps.json"
     if dest.exists():
         return
     coeffs = {"betas": [chosen["beta"]], "gammas": [chosen["gamma"]]}
-    rows = []
     for steps in LENGTH_STEPS[layer]:
-        run_dir = root / f"steps{steps}"
-        train(run_dir, out / "train.zarr", layer, out / "logs" / f"length-{layer}.log", archs="topk", ks=[TUNE_K],
-              regs=",".join(REGS), steps=steps, **coeffs)
+        if only_steps is None or steps in only_steps:
+            train(root / f"steps{steps}", out / "train.zarr", layer, out / "logs" / f"length-{layer}.log",
+                  archs="topk", ks=[TUNE_K], regs=",".join(REGS), steps=steps, **coeffs)
+    rows = []
+    for steps in (LAYERS[layer]["steps"], *LENGTH_STEPS[layer]):
+        run_dir = out / "grid" / layer / "topk-s0" if steps == LAYERS[layer]["steps"] else root / f"steps{steps}"
+        if not finished_checkpoints(run_dir):
+            print(f"  {run_dir} has not finished: the length table waits for it", flush=True)
+            return
         for r in list_runs(run_dir):
-            metrics = r.final_metrics()
-            rows.append({"steps": steps, "reg": r.settings()["reg"], "val_dead_frac": metrics["val_dead_frac"],
-                         "val_fvu": metrics["val_fvu"]})
+            settings = r.settings()
+            if settings["k"] == TUNE_K:
+                metrics = r.final_metrics()
+                rows.append({"steps": steps, "reg": settings["reg"], "val_dead_frac": metrics["val_dead_frac"],
+                             "val_fvu": metrics["val_fvu"]})
     dest.write_text(json.dumps(rows, indent=1))
 
 
