@@ -12,6 +12,8 @@ Prints one JSON object (and, with --markdown, table rows for BENCHMARKS.md):
    epochs 2-3) and of the preloaded loader, with the fused and the eager CPU gather, against a raw
    sequential read of the same bytes from the same (page-cached) files in the same interleaved rounds, and
    against the rows/s the step consumes. `--loader-only` skips the step.
+3. `--variants`: each variant's step; `--decode`: decoding K latents per row by gathered rows against one dense
+   matmul, over K / N (where ``gather_decode`` switches).
 """
 
 from __future__ import annotations
@@ -138,6 +140,35 @@ def bench_variants(d: int, n: int, k: int, B: int, device: torch.device, warmup:
     return out
 
 
+DECODE_SHAPES = ((1024, 2560, 1280, (16, 64, 160, 320, 640)), (4096, 1536, 192, (16, 96, 192)),
+                 (1024, 8192, 768, (32, 256, 384, 1024)))  # (B, N, D, Ks): the experiment's layers and a ViT-B
+
+
+def bench_decode(B: int, N: int, D: int, ks, device: torch.device, warmup: int, reps: int) -> list[dict]:
+    """Decoding K latents per row, forward + backward, both ways ``gather_decode`` can: gathered rows
+    (embedding_bag) and the code scattered into B x N times the decoder (one matmul); which it picks."""
+    from visionsae.sae.dictionary import DENSE_DECODE_DIVISOR
+
+    torch.manual_seed(0)
+    W_ND = torch.randn(N, D, device=device, requires_grad=True)
+    g_BD = torch.randn(B, D, device=device)
+    out = []
+    for K in ks:
+        idx_BK = torch.stack([torch.randperm(N, device=device)[:K] for _ in range(B)])
+        acts_BK = torch.rand(B, K, device=device, requires_grad=True)
+
+        def gathered():
+            F.embedding_bag(idx_BK, W_ND, per_sample_weights=acts_BK, mode="sum").backward(g_BD)
+
+        def dense():
+            (acts_BK.new_zeros(B, N).scatter_add(1, idx_BK, acts_BK) @ W_ND).backward(g_BD)
+        best = _interleaved_best({"gathered": gathered, "dense": dense}, device, warmup, reps)
+        out.append({"B": B, "N": N, "D": D, "K": K, "gathered_s": best["gathered"], "dense_s": best["dense"],
+                    "gathered_over_dense": best["gathered"] / best["dense"],
+                    "picked": "dense" if K * DENSE_DECODE_DIVISOR >= N else "gathered"})
+    return out
+
+
 def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device, rounds: int,
                  buffer_mb: int = 64) -> dict:
     """The loader's rows/s against a raw sequential read of the same bytes, in interleaved rounds (best of each).
@@ -235,10 +266,23 @@ def main() -> None:
     ap.add_argument("--loader-only", action="store_true", help="only the loader against the raw read")
     ap.add_argument("--variants", action="store_true", help="only each variant's step against Top-k's and one "
                     "encoder matmul (the shapes of --quick or all)")
+    ap.add_argument("--decode", action="store_true", help="only the gathered against the dense decode over "
+                    "K / N (where gather_decode switches)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.decode:
+        rows = [r for B, N, D, ks in DECODE_SHAPES for r in bench_decode(B, N, D, ks, device, 1, args.reps)]
+        print(json.dumps(rows, indent=1))
+        if args.markdown:
+            print("\n| B | N | D | K | K / N | gathered (ms) | dense (ms) | gathered / dense | gather_decode picks |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['B']} | {r['N']} | {r['D']} | {r['K']} | {r['K'] / r['N']:.3f} | "
+                      f"{1e3 * r['gathered_s']:.1f} | {1e3 * r['dense_s']:.1f} | {r['gathered_over_dense']:.2f} | "
+                      f"{r['picked']} |")
+        return
     shapes = [(256, 2048, 32, 1024)]
     if not args.quick:
         shapes.append((768, 16384, 32, 4096))

@@ -121,8 +121,8 @@ def encode_affine(x_BD: torch.Tensor, W_ND: torch.Tensor, b_pre_D: torch.Tensor,
 
 # From K = N / DENSE_DECODE_DIVISOR kept latents per row on, one dense B x N x D matmul beats gathering K rows:
 # embedding_bag's backward is level-1 BLAS (a dot and an axpy per kept entry). Forward + backward on one CPU
-# thread, 2026-12-01: even at K = N/16, 1.9-2.0x faster dense at K = N/8, 4.1x at K = N/4 (AuxK's
-# k_aux = d/2 with a 2x expansion: 609 ms against 149 ms at B 1024, N 2560, D 1280).
+# thread (`bench/train.py --decode`, BENCHMARKS.md): gathered is 0.6-0.8x the dense time at K = N/16,
+# 2.0-2.3x at N/8, 3-4x at N/4 (AuxK's k_aux = d/2 with a 2x expansion).
 DENSE_DECODE_DIVISOR = 10
 
 
