@@ -96,3 +96,32 @@ def test_float32_backward_matches_float64_finite_differences(alpha):
     assert g_h.abs().max() > 0
     assert (got_h - g_h).norm() <= 5e-3 * g_h.norm(), (got_h, g_h)  # autograd through b: 4% at alpha 1e-4
     assert torch.allclose(k.grad.double(), g_k, rtol=1e-2, atol=1e-4 * g_k.abs().max())
+
+
+def test_threshold_with_a_bound_on_k_matches_bisection():
+    """k_bound sorts only the top 2 k_bound + 1 scores: the threshold is still the exact one."""
+    torch.manual_seed(5)
+    s_BN = torch.randn(6, 200, dtype=torch.double) * 4
+    k_B = torch.tensor([0.2, 1.0, 3.3, 7.5, 11.9, 12.0], dtype=torch.double)
+    b_B = lapsum_threshold(s_BN, k_B, k_bound=12.0)
+    for i in range(6):
+        assert abs(float(b_B[i]) - _bisect(s_BN[i], float(k_B[i]))) < 1e-9
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1e-4])
+def test_mask_and_gradients_with_a_bound_equal_the_full_sort_in_float32(alpha):
+    """SoftSAE's call (k_bound = k_max, float32, ReLU ties at 0, alpha as small as training's) gives the
+    mask and the gradients of the sort of every row."""
+    torch.manual_seed(6)
+    h_BN = torch.randn(64, 1536).relu() * 3
+    k_B = (torch.rand(64) * 31 + 1).requires_grad_()
+    c_BN = torch.randn(64, 1536)
+    outs = []
+    for bound in (None, 32.0):
+        h = h_BN.clone().requires_grad_()
+        k = k_B.detach().clone().requires_grad_()
+        m_BN = soft_topk_mask(h, k, alpha, k_bound=bound)
+        g_h, g_k = torch.autograd.grad((m_BN * c_BN).sum(), (h, k))
+        outs.append((m_BN, g_h, g_k))
+    for bounded, full in zip(outs[1], outs[0]):
+        torch.testing.assert_close(bounded, full, rtol=1e-4, atol=1e-5)

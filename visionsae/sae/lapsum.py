@@ -37,25 +37,35 @@ _BIG = 15.0  # beyond this, asinh(w) = log(2w) to within e^-30
 
 
 def laplace_cdf(t: torch.Tensor) -> torch.Tensor:
-    # Both branches are evaluated by torch.where: clamp their arguments so neither overflows.
-    return torch.where(t <= 0, 0.5 * torch.exp(t.clamp_max(0)), 1 - 0.5 * torch.exp(-t.clamp_min(0)))
+    half_e = 0.5 * torch.exp(-t.abs())  # one exponential for both branches, never overflowing
+    return torch.where(t <= 0, half_e, 1 - half_e)
 
 
-def lapsum_threshold(s_BN: torch.Tensor, k_B: torch.Tensor) -> torch.Tensor:
-    """b'_B solving sum_j F(s_Bj - b'_B) = k_B, for 0 < k < n (clamped inside that range)."""
+def lapsum_threshold(s_BN: torch.Tensor, k_B: torch.Tensor, k_bound: float | None = None) -> torch.Tensor:
+    """b'_B solving sum_j F(s_Bj - b'_B) = k_B, for 0 < k < n (clamped inside that range).
+
+    ``k_bound`` >= every k_B (SoftSAE's k_max) makes it O(n) instead of a sort of every row: each score above
+    the threshold carries F > 1/2 of the sum k, so at most 2k of them lie above it. Only the top
+    m = 2 ceil(k_bound) + 1 are sorted; the others enter only through their total sum e^{s_j} (in C_r)."""
     B, n = s_BN.shape
     k_B = k_B.to(s_BN.dtype).clamp(1e-3, n - 1e-3)
-    s_sorted, _ = s_BN.sort(dim=1, descending=True)  # position p holds s_(p+1)
-    neg_inf = torch.full((B, 1), float("-inf"), dtype=s_BN.dtype, device=s_BN.device)
-    logA = torch.logcumsumexp(-s_sorted, dim=1)  # [:, r-1] = log A_r, r = 1..n
-    logC_all = torch.logcumsumexp(s_sorted.flip(1), dim=1).flip(1)  # [:, p] = log sum_{j >= p+1} e^{s_(j)}
-    logC = torch.cat([logC_all[:, 1:], neg_inf], dim=1)  # [:, r-1] = log C_r, r = 1..n
+    m = n if k_bound is None else min(n, 2 * math.ceil(k_bound) + 1)
+    if m < n:
+        s_sorted, top_BM = s_BN.topk(m, dim=1, sorted=True)  # position p holds s_(p+1), p < m
+        log_tail = s_BN.scatter(1, top_BM, float("-inf")).logsumexp(1, keepdim=True)  # log sum_{j > m} e^{s_(j)}
+    else:
+        s_sorted, _ = s_BN.sort(dim=1, descending=True)  # position p holds s_(p+1)
+        log_tail = torch.full((B, 1), float("-inf"), dtype=s_BN.dtype, device=s_BN.device)
+    logA = torch.logcumsumexp(-s_sorted, dim=1)  # [:, r-1] = log A_r, r = 1..m
+    # [:, p] = log sum_{j >= p+1} e^{s_(j)}, the scores past the sorted m included
+    logC_all = torch.logaddexp(torch.logcumsumexp(s_sorted.flip(1), dim=1).flip(1), log_tail)
+    logC = torch.cat([logC_all[:, 1:], log_tail], dim=1)  # [:, r-1] = log C_r, r = 1..m
 
-    r_N = torch.arange(1, n + 1, dtype=s_BN.dtype, device=s_BN.device)
+    r_N = torch.arange(1, m + 1, dtype=s_BN.dtype, device=s_BN.device)
     with torch.no_grad():
         # G_r = g(s_(r)); s_(r) + log A_r <= log r and log C_r - s_(r) <= log(n - r): no overflow.
         G_BN = r_N - 0.5 * torch.exp(s_sorted + logA) + 0.5 * torch.exp(logC - s_sorted)
-        r_B = (G_BN <= k_B[:, None]).sum(1)  # number of scores above the threshold, 0..n
+        r_B = (G_BN <= k_B[:, None]).sum(1)  # number of scores above the threshold, 0..m
 
     at = (r_B - 1).clamp_min(0)[:, None]
     logA_r = logA.gather(1, at).squeeze(1)
@@ -83,9 +93,9 @@ class _LapSumMask(torch.autograd.Function):
     """m_BN = F(s_BN - b_B) with sum_j m_Bj = k_B, and the closed-form backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, s_BN, k_B):
+    def forward(ctx, s_BN, k_B, k_bound):
         with torch.no_grad():
-            t_BN = s_BN - lapsum_threshold(s_BN, k_B)[:, None]
+            t_BN = s_BN - lapsum_threshold(s_BN, k_B, k_bound)[:, None]
             n = s_BN.shape[1]
             inside_B = (k_B > 1e-3) & (k_B < n - 1e-3)  # lapsum_threshold clamps k to this range: no gradient outside
         ctx.save_for_backward(t_BN, inside_B)
@@ -101,11 +111,13 @@ class _LapSumMask(torch.autograd.Function):
         vbar_B = (w_BN * v_BN).sum(1) / w_BN.sum(1)
         g_s = torch.exp(logp_BN) * (v_BN - vbar_B[:, None]) if ctx.needs_input_grad[0] else None
         g_k = torch.where(inside_B, vbar_B, 0.0).to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
-        return g_s, g_k
+        return g_s, g_k, None
 
 
-def soft_topk_mask(h_BN: torch.Tensor, k_B: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
-    """m_BN in (0, 1) with sum_j m_Bj = k_B: a soft version of the indicator of the k largest h."""
+def soft_topk_mask(h_BN: torch.Tensor, k_B: torch.Tensor, alpha: float | torch.Tensor,
+                   k_bound: float | None = None) -> torch.Tensor:
+    """m_BN in (0, 1) with sum_j m_Bj = k_B: a soft version of the indicator of the k largest h.
+    ``k_bound``: an upper bound on k_B, which spares sorting each row (see ``lapsum_threshold``)."""
     assert h_BN.ndim == 2 and k_B.shape == (h_BN.shape[0],), \
         f"expected h [B, n] and k [B], got {list(h_BN.shape)} and {list(k_B.shape)}"
-    return _LapSumMask.apply(h_BN / alpha, k_B)
+    return _LapSumMask.apply(h_BN / alpha, k_B, k_bound)

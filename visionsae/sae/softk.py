@@ -147,7 +147,7 @@ class SoftKSAE(DictionarySAE):
                 return SAEOutput(x_hat_BD, h_BN, acts_BK, idx_BK, k_B)
             return SAEOutput(self.decode(acts_BK, idx_BK), h_BN, acts_BK, idx_BK, k_B)
         khat_B = self.estimate_k(x_BD)
-        f_BN = h_BN.float() * soft_topk_mask(h_BN.float(), khat_B, self.alpha)
+        f_BN = h_BN.float() * soft_topk_mask(h_BN.float(), khat_B, self.alpha, k_bound=self.k_max)
         x_hat_BD = self.decode_dense(f_BN)
         # The code reported for statistics (L0, dead latents, regularizer support): the floor(k^) largest.
         vals_BK, idx_BK = f_BN.topk(self.width, dim=1, sorted=True)
