@@ -127,8 +127,9 @@ def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
     lines.append("")
     lines += matched_count_section(report, ks)
     lines += softk_section(out, layer, ks)
-    lines += reg_on_section(cells)
-    lines += independent_ms_section(out, layer, cells, ks)
+    lite2 = lite2_cells(out, layer)
+    lines += reg_on_section(cells, lite2)
+    lines += independent_ms_section(cells, lite2, ks)
     lines += length_section(out, layer)
     plots = plot_layer(cells, ks, sweep, budgets, layer, dest)
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
@@ -169,26 +170,31 @@ def matched_count_section(report: dict, ks: list[int]) -> list[str]:
                     "its purity", "unregularized purity, top-n"], rows), ""]
 
 
-def reg_on_section(cells) -> list[str]:
+def reg_on_section(cells, lite2) -> list[str]:
     """The --reg-on ablation at k = 16: penalties on |z| (the default) against relu(z)."""
     rows = []
     for reg in ("off", "ratio", "both"):
-        for on, m in (("|z|", f"topk/{reg}"), ("relu(z)", f"topk/{reg}/relu")):
+        for on, m in ((r"\|z\|", f"topk/{reg}"), ("relu(z)", f"topk/{reg}/relu")):
             runs = cells.get((m, 16), [])
             if runs:
-                rows.append([reg, on, fmt(runs, "fvu", 4), fmt(runs, "ms"), fmt(runs, "purity"), fmt(runs, "dead", 1)])
+                rows.append([reg, on, fmt(runs, "fvu", 4), fmt(runs, "ms"), fmt(lite2.get((m, 16), []), "ms"),
+                             fmt(runs, "purity"), fmt(runs, "dead", 1)])
     if not any(r[1] == "relu(z)" for r in rows):
         return []
     return ["**Regularizers on |z| or on relu(z) (--reg-on), Top-k at k = 16**", "",
-            *table(["regularizer", "penalty on", "FVU", "MS", "purity", "dead %"], rows), ""]
+            *table(["regularizer", "penalty on", "FVU", "MS, own layer", "MS, Lite2", "purity", "dead %"], rows), ""]
 
 
-def independent_ms_section(out: Path, layer: str, cells, ks: list[int]) -> list[str]:
-    """MS with EfficientNet-Lite2's embeddings (an independent encoder) beside MS on the layer's own vectors."""
+def lite2_cells(out: Path, layer: str) -> dict:
+    """(method, k) -> metrics of the second evaluation, whose MS used EfficientNet-Lite2's embeddings."""
     path = out / "test" / f"{layer}-lite2" / "report.json"
-    if not path.exists():
+    return collect(json.loads(path.read_text())) if path.exists() else {}
+
+
+def independent_ms_section(cells, other, ks: list[int]) -> list[str]:
+    """MS with EfficientNet-Lite2's embeddings (an independent encoder) beside MS on the layer's own vectors."""
+    if not other:
         return []
-    other = collect(json.loads(path.read_text()))
     rows = [[LABELS.get(m, m), str(k), fmt(cells.get((m, k), []), "ms"), fmt(other.get((m, k), []), "ms")]
             for k in ks for m in METHODS if (m, k) in other]
     return ["**MS by encoder: the evaluated layer's own image vectors (circular) against EfficientNet-Lite2's "
