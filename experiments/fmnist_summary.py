@@ -131,7 +131,7 @@ def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
     lines += reg_on_section(cells, lite2)
     lines += independent_ms_section(cells, lite2, ks)
     lines += length_section(out, layer)
-    plots = plot_layer(cells, ks, sweep, budgets, layer, dest)
+    plots = plot_layer(cells, ks, sweep, budgets, layer, dest, group["ms_encoder"])
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     summary = {f"{m}|k={k}": {key: agg(runs, key) for key in runs[0]} for (m, k), runs in cells.items()}
     return lines, {"chosen": chosen, "cells": summary}
@@ -236,7 +236,7 @@ def softk_section(out: Path, layer: str, ks: list[int]) -> list[str]:
                    rows), ""]
 
 
-def plot_layer(cells, ks, sweep, budgets, layer, dest: Path) -> list[Path]:
+def plot_layer(cells, ks, sweep, budgets, layer, dest: Path, ms_encoder: str) -> list[Path]:
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -246,7 +246,7 @@ def plot_layer(cells, ks, sweep, budgets, layer, dest: Path) -> list[Path]:
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[m], label=LABELS[m])
             for fvu, ms, k in pts:
                 axes[0].annotate(str(k), (fvu, ms), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes[0].set(xlabel="test FVU at the training k", ylabel="mean MS", title="MS against reconstruction (labels: k)")
+    axes[0].set(xlabel="test FVU at the training k", ylabel=f"mean MS (e_n: {ms_encoder})", title="MS against reconstruction (labels: k)")
     k0 = 16 if 16 in ks else ks[0]
     for m in METHODS:
         if (m, k0) in cells:
