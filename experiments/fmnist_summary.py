@@ -246,7 +246,8 @@ def plot_layer(cells, ks, sweep, budgets, layer, dest: Path, ms_encoder: str) ->
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[m], label=LABELS[m])
             for fvu, ms, k in pts:
                 axes[0].annotate(str(k), (fvu, ms), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes[0].set(xlabel="test FVU at the training k", ylabel=f"mean MS (e_n: {ms_encoder})", title="MS against reconstruction (labels: k)")
+    axes[0].set(xlabel="test FVU at the training k", ylabel=f"mean MS (e_n: {ms_encoder})",
+                title="MS against reconstruction (labels: k)")
     k0 = 16 if 16 in ks else ks[0]
     for m in METHODS:
         if (m, k0) in cells:
