@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from visionsae.extract import ExtractConfig
-from visionsae.extract.pipeline import TORCH_DTYPES, build_plan, forward, make_loader, run_plan, shard_batches
+from visionsae.extract.pipeline import build_plan, forward, make_loader, run_plan, shard_batches
+from visionsae.store.layout import torch_dtype
 from visionsae.store import StoreWriter
 
 
@@ -40,7 +41,7 @@ def bare_pass(plan, cfg) -> float:
     for x_BCHW, _ok, _why in make_loader(plan, cfg, batches):
         out = forward(plan, x_BCHW)
         for rows in out.values():  # the same device-side cast the pipeline does
-            rows.to(TORCH_DTYPES[cfg.dtype])
+            rows.to(torch_dtype(cfg.dtype))
     if plan.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0

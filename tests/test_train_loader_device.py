@@ -32,6 +32,8 @@ def _batches(store, device, preload, n=12, start=0, **kw):
     it = loader.batches(start)
     out = [next(it).cpu() for _ in range(n)]
     loader.close()
+    if kw.get("fused_gather") and not loader.fused_gather:  # it fell back: the fused kernel was not tested
+        pytest.skip("the fused CPU gather could not be compiled here (needs a C++ compiler)")
     return torch.stack(out)
 
 

@@ -33,8 +33,7 @@ from visionsae.extract.concurrency import BackgroundWriter, Ranks, copy_to_host
 from visionsae.device import resolve_device
 from visionsae.store import StoreSpec, StoreWriter, open_store
 from visionsae.store.extras import write_head
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from visionsae.store.layout import torch_dtype
 
 
 class ExtractResult(NamedTuple):
@@ -197,7 +196,7 @@ def _run(plan: Plan, writer: StoreWriter, cfg: ExtractConfig, ranks: Ranks) -> t
     if not batches:
         return 0, 0
     loader = make_loader(plan, cfg, batches)
-    store_dtype = TORCH_DTYPES[cfg.dtype]
+    store_dtype = torch_dtype(cfg.dtype)
     layers = {la.name: la for la in plan.spec.layers}
     n_images = sum(b - a for _, a, b in batches)
     bar = tqdm(total=n_images, unit="img", disable=not cfg.progress or ranks.rank != 0, smoothing=0.1,

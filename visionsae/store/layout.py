@@ -120,6 +120,12 @@ def storage_dtype(dtype: str) -> np.dtype:
     return np.dtype({"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}[dtype])
 
 
+def torch_dtype(dtype: str):
+    """torch dtype of the stored values (torch.bfloat16 for bfloat16, whose bits the stored uint16 are)."""
+    import torch  # the store itself works without torch
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Stored values -> float32 (a copy)."""
     if dtype == "bfloat16":

@@ -69,7 +69,7 @@ class StoreWriter:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if mode == "resume":
             if not path.exists():  # nothing to resume: start it, as a user would expect
-                return cls(path, spec, _format(spec).create(path, spec))
+                return cls(path, spec, _backend(spec.format).create(path, spec))
             spec = _detect_format(path, spec)
             writer = cls._reopen(path, spec)
             if path.is_dir():
@@ -85,11 +85,11 @@ class StoreWriter:
                                      "another --out")
                 raise StoreError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
             _remove_store(path)
-        return cls(path, spec, _format(spec).create(path, spec))
+        return cls(path, spec, _backend(spec.format).create(path, spec))
 
     @classmethod
     def _reopen(cls, path: Path, spec: StoreSpec) -> "StoreWriter":
-        return cls(path, spec, _format(spec).reopen(path, spec, lambda attrs: _check_resume_attrs(path, spec, attrs)))
+        return cls(path, spec, _backend(spec.format).reopen(path, spec, lambda attrs: _check_resume_attrs(path, spec, attrs)))
 
     def shard_slots(self, shard: int) -> tuple[int, int]:
         return self.spec.shard_slots(shard)
@@ -179,10 +179,6 @@ def _shard_stats(rows_VD: np.ndarray, dtype: str) -> dict[str, Any]:
         total += block.sum(axis=0)
         sq += float(np.einsum("ij,ij->", block, block))
     return {"count": int(rows_VD.shape[0]), "sum": [float(v) for v in total], "sum_sq_norm": sq}
-
-
-def _format(spec: StoreSpec) -> Backend:
-    return _backend(spec.format)
 
 
 def _backend(fmt: str) -> Backend:

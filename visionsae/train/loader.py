@@ -34,7 +34,7 @@ import torch
 
 from visionsae.errors import UserError
 from visionsae.store import Store
-from visionsae.store.layout import storage_dtype
+from visionsae.store.layout import storage_dtype, torch_dtype
 from visionsae.train.gather import FUSE_MIN_ROWS, CpuGather, random_access_empty
 
 _SPLIT_KEY = 0x5A1  # separates the split's random stream from the shuffle's
@@ -136,6 +136,7 @@ class Loader:
         self.b = batch_size // world
         self.chunk_rows = store.images_per_shard * self.info.tokens_per_image
         self.np_dtype = storage_dtype(self.info.dtype)
+        self.torch_dtype = torch_dtype(self.info.dtype)
         shard_bytes = self.chunk_rows * self.info.d * self.np_dtype.itemsize
         if group_shards is None:
             group_shards = store.n_shards if preload else max(1, buffer_bytes // max(shard_bytes, 1))
@@ -162,10 +163,9 @@ class Loader:
     # --- buffers -----------------------------------------------------------------------------
     def _empty(self, rows: int, device: torch.device, pin: bool = False) -> torch.Tensor:
         """Rows in the stored dtype (bfloat16 as torch.bfloat16, whose bits the store's uint16 are)."""
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.info.dtype]
         if device.type == "cpu" and not pin:  # a group buffer, gathered from at random rows
-            return random_access_empty(rows, self.info.d, dtype)
-        return torch.empty((rows, self.info.d), dtype=dtype, device=device, pin_memory=pin)
+            return random_access_empty(rows, self.info.d, self.torch_dtype)
+        return torch.empty((rows, self.info.d), dtype=self.torch_dtype, device=device, pin_memory=pin)
 
     @staticmethod
     def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -307,8 +307,7 @@ class Loader:
 
     def _cpu_gather(self) -> CpuGather:
         """A CPU gather for one stream, compiled (if asked) in the calling thread, not in a producer thread."""
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.info.dtype]
-        gather = CpuGather(dtype, self.info.d, self.scale, self.fused_gather)
+        gather = CpuGather(self.torch_dtype, self.info.d, self.scale, self.fused_gather)
         self.fused_gather = gather.warm()  # a failed compile is not retried
         return gather
 
