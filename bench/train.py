@@ -13,7 +13,8 @@ Prints one JSON object (and, with --markdown, table rows for BENCHMARKS.md):
    sequential read of the same bytes from the same (page-cached) files in the same interleaved rounds, and
    against the rows/s the step consumes. `--loader-only` skips the step.
 3. `--variants`: each variant's step; `--decode`: decoding K latents per row by gathered rows against one dense
-   matmul, over K / N (where ``gather_decode`` switches).
+   matmul, over K / N (where ``gather_decode`` switches); `--lapsum`: SoftSAE's soft top-k with every row sorted
+   against only the top 2 k_max + 1.
 """
 
 from __future__ import annotations
@@ -169,6 +170,26 @@ def bench_decode(B: int, N: int, D: int, ks, device: torch.device, warmup: int, 
     return out
 
 
+LAPSUM_SHAPES = ((1024, 1536, 16), (1024, 2560, 16), (4096, 16384, 32))  # (B, N, k): the experiment's, a ViT-B's
+
+
+def bench_lapsum(B: int, N: int, k: int, device: torch.device, warmup: int, reps: int) -> dict:
+    """SoftSAE's soft top-k (LapSum mask, forward + backward) at its training temperature and k^ <= k_max = 2k:
+    every row sorted (no bound) against only its top 2 k_max + 1 sorted (``k_bound=k_max``, what SoftSAE
+    passes)."""
+    from visionsae.sae.lapsum import soft_topk_mask
+
+    torch.manual_seed(0)
+    h_BN = (torch.randn(B, N, device=device).relu() * 3).requires_grad_()
+    k_B = (torch.rand(B, device=device) * (2 * k - 1) + 1).requires_grad_()
+
+    def run(bound):
+        soft_topk_mask(h_BN, k_B, 1e-4, k_bound=bound).sum().backward()
+    best = _interleaved_best({"sorted": lambda: run(None), "bounded": lambda: run(2.0 * k)}, device, warmup, reps)
+    return {"B": B, "N": N, "k_max": 2 * k, "sorted_s": best["sorted"], "bounded_s": best["bounded"],
+            "sorted_over_bounded": best["sorted"] / best["bounded"]}
+
+
 def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device, rounds: int,
                  buffer_mb: int = 64) -> dict:
     """The loader's rows/s against a raw sequential read of the same bytes, in interleaved rounds (best of each).
@@ -268,10 +289,22 @@ def main() -> None:
                     "encoder matmul (the shapes of --quick or all)")
     ap.add_argument("--decode", action="store_true", help="only the gathered against the dense decode over "
                     "K / N (where gather_decode switches)")
+    ap.add_argument("--lapsum", action="store_true", help="only SoftSAE's soft top-k, every row sorted against "
+                    "the top 2 k_max + 1")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.lapsum:
+        rows = [bench_lapsum(B, N, k, device, 1, args.reps) for B, N, k in LAPSUM_SHAPES]
+        print(json.dumps(rows, indent=1))
+        if args.markdown:
+            print("\n| B | N | k_max | every row sorted (ms) | top 2 k_max + 1 sorted (ms) | sorted / bounded |")
+            print("|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['B']} | {r['N']} | {r['k_max']} | {1e3 * r['sorted_s']:.1f} | {1e3 * r['bounded_s']:.1f} | "
+                      f"{r['sorted_over_bounded']:.2f} |")
+        return
     if args.decode:
         rows = [r for B, N, D, ks in DECODE_SHAPES for r in bench_decode(B, N, D, ks, device, 1, args.reps)]
         print(json.dumps(rows, indent=1))
