@@ -97,12 +97,15 @@ def layer_section(out: Path, layer: str, dest: Path) -> tuple[list[str], dict]:
                      "**yes**" if c["chosen"] else ""] for c in chosen["candidates"]])
     lines.append("")
     scored = f"latents firing on at least {MIN_FIRING_IMAGES} test images"
+    # purity counts only labelled firing images: its count is the MS one when every test image has a label
+    same_count = all(r["n_ms"] == r["n_purity"] for runs in cells.values() for r in runs)
+    counts = ([("n_ms", f"Latents in the MS and purity averages ({scored})", 0)] if same_count else
+              [("n_ms", f"Latents in the MS average ({scored})", 0),
+               ("n_purity", f"Latents in the purity average ({scored} with a label)", 0)])
     for key, title, digits in (
             ("fvu", "FVU at the training k (lower is better)", 4),
             ("ms", f"Monosemanticity Score (e_n: {group['ms_encoder']}), mean over {scored}", 3),
-            ("purity", f"Class purity of the top-50 images, mean over {scored}", 3),
-            ("n_ms", f"Latents in the MS average ({scored})", 0),
-            ("n_purity", f"Latents in the purity average ({scored} with a label)", 0),
+            ("purity", f"Class purity of the top-50 images, mean over {scored}", 3), *counts,
             ("dead", "Dead latents on the test images (%)", 1), ("l0", "L0 (mean firing latents)", 1)):
         lines += [f"**{title}**", ""]
         lines += table(["method", *[f"k = {k}" for k in ks]],
