@@ -15,7 +15,8 @@ stopped (the extraction resumes inside its store):
 3. grid     per layer, Top-k x {none, off, ratio, both} x k in {8, 16, 32, 64} with the chosen coefficients,
             BatchTopK at the same k, SoftSAE at targets k = 16 and 32 trained for SOFTK_MIN_STEPS steps or
             more (it needs that long to reach its target) at batch SOFTK_BATCH; a second seed for Top-k at
-            k = 16; and the --reg-on ablation: the three regularized Top-k models at k = 16 with the penalties on relu(z).
+            k = 16; and the --reg-on ablation: the three regularized Top-k models at k = 16 with the
+            penalties on relu(z).
 4. test     sae-eval of every grid checkpoint on the 10,000 test images (a sibling store of the train store;
             probes train on train images) twice: MS on the evaluated layer's own image vectors (test/<layer>)
             and on EfficientNet-Lite2's embeddings (test/<layer>-lite2); and SoftSAE's per-input k against
@@ -97,6 +98,7 @@ def main() -> None:
     stages = [name for name in args.stages.split(",") if name]
     if unknown := set(stages) - set(STAGES):
         sys.exit(f"error: unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
+    length_steps = parse_length_steps(args.length_steps, layers)
     if not (DATA / "train-images-idx3-ubyte.gz").exists():
         sys.exit(f"error: Fashion-MNIST is not in {DATA}: install it with `apt-get install dataset-fashion-mnist`")
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -105,27 +107,42 @@ def main() -> None:
     if "extract" in stages:
         extract_all(out, times)
     for layer in layers:
-        chosen = None
         for stage in ("tune", "grid", "test", "length"):
-            if stage not in stages:
-                continue
-            with times.stage(f"{stage}/{layer}"):
-                if stage == "tune":
-                    chosen = tune(out, layer)
-                elif stage == "test":
-                    test(out, layer)
-                else:
-                    chosen = chosen or chosen_coefficients(out, layer)
-                    if stage == "grid":
-                        grid(out, layer, chosen)
-                    else:
-                        only = {int(v) for v in args.length_steps.split(",")} if args.length_steps else None
-                        length(out, layer, chosen, only)
+            if stage in stages:
+                with times.stage(f"{stage}/{layer}"):
+                    run_stage(stage, out, layer, length_steps)
     if "summary" in stages:
         with times.stage("summary"):
             run([BIN / "python", REPO / "experiments" / "fmnist_summary.py", out, *layers],
                 out / "logs" / "summary.log")
         print(f"done: {out / 'summary' / 'summary.md'}; wall times in {out / 'times.json'}")
+
+
+def parse_length_steps(text: str | None, layers: list[str]) -> set[int] | None:
+    """--length-steps: lengths of LENGTH_STEPS to train (None: all of them)."""
+    if text is None:
+        return None
+    known = {s for layer in layers for s in LENGTH_STEPS[layer]}
+    try:
+        steps = {int(v) for v in text.split(",") if v.strip()}
+    except ValueError:
+        sys.exit(f"error: --length-steps takes a comma list of step counts, got '{text}'")
+    if unknown := steps - known:
+        sys.exit(f"error: --length-steps {', '.join(map(str, sorted(unknown)))} is not in LENGTH_STEPS for "
+                 f"{', '.join(layers)} ({', '.join(map(str, sorted(known))) or 'none'}): add it there first")
+    return steps
+
+
+def run_stage(stage: str, out: Path, layer: str, length_steps: set[int] | None) -> None:
+    """One stage of one layer; grid and length read the coefficients the tune stage chose."""
+    if stage == "tune":
+        tune(out, layer)
+    elif stage == "test":
+        test(out, layer)
+    elif stage == "grid":
+        grid(out, layer, chosen_coefficients(out, layer))
+    else:
+        length(out, layer, chosen_coefficients(out, layer), length_steps)
 
 
 def extract_all(out: Path, times: "Times") -> None:

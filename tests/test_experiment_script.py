@@ -69,3 +69,15 @@ def test_stage_times_only_for_stages_that_ran_a_command(tmp_path):
     with fmnist.Times(tmp_path / "times.json").stage("worked"):  # a rerun that skips keeps the figure
         pass
     assert json.loads((tmp_path / "times.json").read_text()) == recorded
+
+
+def test_length_steps_are_checked_in_one_line(monkeypatch):
+    monkeypatch.setattr(fmnist, "LENGTH_STEPS", {"embedding": (1000, 1500), "stage_5": ()})
+    assert fmnist.parse_length_steps(None, ["embedding"]) is None
+    assert fmnist.parse_length_steps("1500,1000", ["embedding", "stage_5"]) == {1000, 1500}
+    for text, layers, message in (("abc", ["embedding"], "comma list of step counts, got 'abc'"),
+                                  ("3000", ["embedding"], "3000 is not in LENGTH_STEPS"),
+                                  ("1000", ["stage_5"], "for stage_5 (none): add it there first")):
+        with pytest.raises(SystemExit) as exc:
+            fmnist.parse_length_steps(text, layers)
+        assert message in str(exc.value) and "\n" not in str(exc.value)
