@@ -136,7 +136,8 @@ def bench_variants(d: int, n: int, k: int, B: int, device: torch.device, warmup:
         fns[label] = lambda run=run, counter=counter: run.train_step(x_BD, next(counter), VARIANT_RUN, 1.0)
     best = _interleaved_best(fns, device, warmup, reps)
     out = {"d": d, "n_latents": n, "k": k, "batch": B, "encoder_matmul_s": best.pop("encoder_matmul")}
-    out["variants"] = {label: {"step_s": t, "over_topk": t / best["topk"], "over_one_matmul": t / out["encoder_matmul_s"]}
+    out["variants"] = {label: {"step_s": t, "over_topk": t / best["topk"],
+                               "over_one_matmul": t / out["encoder_matmul_s"]}
                        for label, t in best.items()}
     return out
 
@@ -277,6 +278,16 @@ def bench_loader(rows: int, d: int, dtype: str, batch: int, device: torch.device
         return out
 
 
+def _emit(rows: list[dict], markdown: bool, header: list[str], cells) -> None:
+    """The rows as JSON, then (``markdown``) a table with ``cells(row)``'s lines under ``header``."""
+    print(json.dumps(rows, indent=1))
+    if markdown:
+        print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for r in rows:
+            for line in cells(r):
+                print("| " + " | ".join(map(str, line)) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -297,38 +308,28 @@ def main() -> None:
     device = torch.device(args.device)
     if args.lapsum:
         rows = [bench_lapsum(B, N, k, device, 1, args.reps) for B, N, k in LAPSUM_SHAPES]
-        print(json.dumps(rows, indent=1))
-        if args.markdown:
-            print("\n| B | N | k_max | every row sorted (ms) | top 2 k_max + 1 sorted (ms) | sorted / bounded |")
-            print("|---|---|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['B']} | {r['N']} | {r['k_max']} | {1e3 * r['sorted_s']:.1f} | {1e3 * r['bounded_s']:.1f} | "
-                      f"{r['sorted_over_bounded']:.2f} |")
+        _emit(rows, args.markdown, ["B", "N", "k_max", "every row sorted (ms)", "top 2 k_max + 1 sorted (ms)",
+                                    "sorted / bounded"],
+              lambda r: [[r["B"], r["N"], r["k_max"], f"{1e3 * r['sorted_s']:.1f}", f"{1e3 * r['bounded_s']:.1f}",
+                          f"{r['sorted_over_bounded']:.2f}"]])
         return
     if args.decode:
         rows = [r for B, N, D, ks in DECODE_SHAPES for r in bench_decode(B, N, D, ks, device, 1, args.reps)]
-        print(json.dumps(rows, indent=1))
-        if args.markdown:
-            print("\n| B | N | D | K | K / N | gathered (ms) | dense (ms) | gathered / dense | gather_decode picks |")
-            print("|---|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['B']} | {r['N']} | {r['D']} | {r['K']} | {r['K'] / r['N']:.3f} | "
-                      f"{1e3 * r['gathered_s']:.1f} | {1e3 * r['dense_s']:.1f} | {r['gathered_over_dense']:.2f} | "
-                      f"{r['picked']} |")
+        _emit(rows, args.markdown, ["B", "N", "D", "K", "K / N", "gathered (ms)", "dense (ms)", "gathered / dense",
+                                    "gather_decode picks"],
+              lambda r: [[r["B"], r["N"], r["D"], r["K"], f"{r['K'] / r['N']:.3f}", f"{1e3 * r['gathered_s']:.1f}",
+                          f"{1e3 * r['dense_s']:.1f}", f"{r['gathered_over_dense']:.2f}", r["picked"]]])
         return
     shapes = [(256, 2048, 32, 1024)]
     if not args.quick:
         shapes.append((768, 16384, 32, 4096))
     if args.variants:
         rows = [bench_variants(d, n, k, B, device, warmup=1, reps=args.reps) for d, n, k, B in shapes]
-        print(json.dumps(rows, indent=1))
-        if args.markdown:
-            print("\n| d | latents | k | batch | variant | step (s) | / Top-k step | / 1 enc. matmul |")
-            print("|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                for label, v in r["variants"].items():
-                    print(f"| {r['d']} | {r['n_latents']} | {r['k']} | {r['batch']} | {label} | {v['step_s']:.3f} | "
-                          f"{v['over_topk']:.2f} | {v['over_one_matmul']:.2f} |")
+        _emit(rows, args.markdown, ["d", "latents", "k", "batch", "variant", "step (s)", "/ Top-k step",
+                                    "/ 1 enc. matmul"],
+              lambda r: [[r["d"], r["n_latents"], r["k"], r["batch"], label, f"{v['step_s']:.3f}",
+                          f"{v['over_topk']:.2f}", f"{v['over_one_matmul']:.2f}"]
+                         for label, v in r["variants"].items()])
         return
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
