@@ -66,6 +66,7 @@ REG_ON_ABLATION_K = 16  # the regularized Top-k models again with the penalties 
 # The embedding's dead fraction still fell from 1,000 to 1,500 steps, hence 3,000 and 5,000 (one core each:
 # about 1 and 1.7 hours here).
 LENGTH_STEPS = {"embedding": (1000, 1500, 3000, 5000), "stage_5": ()}
+LENGTH_SECOND_SEED = {"embedding": (3000,), "stage_5": ()}  # these lengths again with seed 1: the seed spread
 FVU_SLACK = 1.05  # "no cost in reconstruction": validation FVU within 5% of the unregularized model's
 
 # Per layer: SAE width and training budget, and how many test images the evaluation reads.
@@ -334,13 +335,16 @@ def length(out: Path, layer: str, chosen: dict, only_steps: set[int] | None = No
     if dest.exists():
         return
     coeffs = {"betas": [chosen["beta"]], "gammas": [chosen["gamma"]]}
-    for steps in LENGTH_STEPS[layer]:
+    lengths = [(steps, seed) for steps in LENGTH_STEPS[layer]
+               for seed in ((0, 1) if steps in LENGTH_SECOND_SEED[layer] else (0,))]
+    for steps, seed in lengths:
         if only_steps is None or steps in only_steps:
-            train(root / f"steps{steps}", out / "train.zarr", layer, out / "logs" / f"length-{layer}.log",
-                  archs="topk", ks=[TUNE_K], regs=",".join(REGS), steps=steps, **coeffs)
+            train(length_dir(root, steps, seed), out / "train.zarr", layer, out / "logs" / f"length-{layer}.log",
+                  archs="topk", ks=[TUNE_K], regs=",".join(REGS), steps=steps, seed=seed, **coeffs)
     rows = []
-    for steps in (LAYERS[layer]["steps"], *LENGTH_STEPS[layer]):
-        run_dir = out / "grid" / layer / "topk-s0" if steps == LAYERS[layer]["steps"] else root / f"steps{steps}"
+    for steps, seed in ((LAYERS[layer]["steps"], 0), *lengths):
+        run_dir = (out / "grid" / layer / "topk-s0" if steps == LAYERS[layer]["steps"]
+                   else length_dir(root, steps, seed))
         if not finished_checkpoints(run_dir):
             print(f"  {run_dir} has not finished: the length table waits for it", flush=True)
             return
@@ -348,9 +352,13 @@ def length(out: Path, layer: str, chosen: dict, only_steps: set[int] | None = No
             settings = r.settings()
             if settings["k"] == TUNE_K:
                 metrics = r.final_metrics()
-                rows.append({"steps": steps, "reg": settings["reg"], "val_dead_frac": metrics["val_dead_frac"],
-                             "val_fvu": metrics["val_fvu"]})
+                rows.append({"steps": steps, "seed": seed, "reg": settings["reg"],
+                             "val_dead_frac": metrics["val_dead_frac"], "val_fvu": metrics["val_fvu"]})
     dest.write_text(json.dumps(rows, indent=1))
+
+
+def length_dir(root: Path, steps: int, seed: int) -> Path:
+    return root / (f"steps{steps}" if seed == 0 else f"steps{steps}-s{seed}")
 
 
 if __name__ == "__main__":

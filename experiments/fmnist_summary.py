@@ -209,12 +209,13 @@ def length_section(out: Path, layer: str) -> list[str]:
     if not path.exists():
         return []
     rows = json.loads(path.read_text())
-    steps = sorted({r["steps"] for r in rows})
-    by = {(r["reg"], r["steps"]): r for r in rows}
-    body = [[reg, *[f"{100 * by[(reg, n)]['val_dead_frac']:.1f}% ({by[(reg, n)]['val_fvu']:.3f})"
-                    if (reg, n) in by else "-" for n in steps]] for reg in ("none", "off", "ratio", "both")]
-    return ["**Dead latents on the validation images against training length, Top-k k = 16** (FVU in brackets)", "",
-            *table(["regularizer", *[f"{n} steps" for n in steps]], body), ""]
+    columns = sorted({(r["steps"], r.get("seed", 0)) for r in rows})  # (steps, seed); tables before seeds: 0
+    by = {(r["reg"], r["steps"], r.get("seed", 0)): r for r in rows}
+    body = [[reg, *[f"{100 * by[(reg, *c)]['val_dead_frac']:.1f}% ({by[(reg, *c)]['val_fvu']:.3f})"
+                    if (reg, *c) in by else "-" for c in columns]] for reg in ("none", "off", "ratio", "both")]
+    header = [f"{n} steps" + (f", seed {seed}" if seed else "") for n, seed in columns]
+    return ["**Dead latents on the validation images against training length, Top-k k = 16** (FVU in brackets; "
+            "each length a full run with its own schedule)", "", *table(["regularizer", *header], body), ""]
 
 
 def softk_section(out: Path, layer: str, ks: list[int]) -> list[str]:
