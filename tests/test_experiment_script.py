@@ -81,3 +81,30 @@ def test_length_steps_are_checked_in_one_line(monkeypatch):
         with pytest.raises(SystemExit) as exc:
             fmnist.parse_length_steps(text, layers)
         assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_length_trains_the_second_seed_in_its_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(fmnist, "LENGTH_STEPS", {"embedding": (1000, 3000)})
+    monkeypatch.setattr(fmnist, "LENGTH_SECOND_SEED", {"embedding": (3000,)})
+    calls = []
+    monkeypatch.setattr(fmnist, "train", lambda out_dir, *a, seed, steps, **kw: calls.append((out_dir.name, steps,
+                                                                                                seed)))
+    monkeypatch.setattr(fmnist, "finished_checkpoints", lambda run_dir: [])  # nothing finished: no table yet
+    fmnist.length(tmp_path, "embedding", {"beta": 1e-5, "gamma": 1e-3}, only_steps={3000})
+    assert calls == [("steps3000", 3000, 0), ("steps3000-s1", 3000, 1)]
+    assert not (tmp_path / "length" / "embedding" / "dead_vs_steps.json").exists()
+
+
+def test_length_table_has_a_column_per_length_and_seed(tmp_path):
+    spec = importlib.util.spec_from_file_location("fmnist_summary",
+                                                  Path(__file__).parents[1] / "experiments" / "fmnist_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    rows = [{"steps": s, "seed": seed, "reg": reg, "val_dead_frac": 0.1 * s / 1000 + seed / 100, "val_fvu": 0.2}
+            for s, seed in ((300, 0), (3000, 0), (3000, 1)) for reg in ("none", "off", "ratio", "both")]
+    rows = [{k: v for k, v in r.items() if k != "seed"} if r["steps"] == 300 else r for r in rows]  # older table
+    (tmp_path / "length" / "embedding").mkdir(parents=True)
+    (tmp_path / "length" / "embedding" / "dead_vs_steps.json").write_text(json.dumps(rows))
+    lines = summary.length_section(tmp_path, "embedding")
+    assert lines[2] == "| regularizer | 300 steps | 3000 steps | 3000 steps, seed 1 |"
+    assert lines[4] == "| none | 3.0% (0.200) | 30.0% (0.200) | 31.0% (0.200) |"
