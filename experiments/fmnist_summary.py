@@ -213,9 +213,16 @@ def length_section(out: Path, layer: str) -> list[str]:
     by = {(r["reg"], r["steps"], r.get("seed", 0)): r for r in rows}
     body = [[reg, *[f"{100 * by[(reg, *c)]['val_dead_frac']:.1f}% ({by[(reg, *c)]['val_fvu']:.3f})"
                     if (reg, *c) in by else "-" for c in columns]] for reg in ("none", "off", "ratio", "both")]
-    header = [f"{n} steps" + (f", seed {seed}" if seed else "") for n, seed in columns]
-    return ["**Dead latents on the validation images against training length, Top-k k = 16** (FVU in brackets; "
-            "each length a full run with its own schedule)", "", *table(["regularizer", *header], body), ""]
+    header = ["regularizer", *[f"{n} steps" + (f", seed {seed}" if seed else "") for n, seed in columns]]
+    lines = ["**Dead latents on the validation images against training length, Top-k k = 16** (FVU in brackets; "
+             "each length a full run with its own schedule)", "", *table(header, body), ""]
+    if all("test_ms_lite2" in r for r in rows):
+        test_body = [[reg, *[f"{by[(reg, *c)]['test_ms_lite2']:.3f} / {by[(reg, *c)]['test_purity']:.3f} / "
+                             f"{100 * by[(reg, *c)]['test_dead_frac']:.1f}%" if (reg, *c) in by else "-"
+                             for c in columns]] for reg in ("none", "off", "ratio", "both")]
+        lines += ["**The same models on the test images: MS (EfficientNet-Lite2 embeddings) / top-50 purity / dead "
+                  "latents**", "", *table(header, test_body), ""]
+    return lines
 
 
 def softk_section(out: Path, layer: str, ks: list[int]) -> list[str]:
