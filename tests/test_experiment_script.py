@@ -112,5 +112,5 @@ def test_length_table_has_a_column_per_length_and_seed(tmp_path):
         r.update(test_ms_lite2=0.7, test_purity=0.75, test_dead_frac=0.05)
     (tmp_path / "length" / "embedding" / "dead_vs_steps.json").write_text(json.dumps(rows))
     lines = summary.length_section(tmp_path, "embedding")
-    assert lines[9] == "| regularizer | 300 steps | 3000 steps | 3000 steps, seed 1 |"
-    assert lines[11] == "| none | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.0% |"
+    assert lines[11] == "| regularizer | 300 steps | 3000 steps | 3000 steps, seed 1 |"
+    assert lines[13] == "| none | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.0% |"
