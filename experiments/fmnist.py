@@ -341,7 +341,7 @@ def length(out: Path, layer: str, chosen: dict, only_steps: set[int] | None = No
         if only_steps is None or steps in only_steps:
             train(length_dir(root, steps, seed), out / "train.zarr", layer, out / "logs" / f"length-{layer}.log",
                   archs="topk", ks=[TUNE_K], regs=",".join(REGS), steps=steps, seed=seed, **coeffs)
-    rows, ckpts = [], []
+    rows = []
     for steps, seed in ((LAYERS[layer]["steps"], 0), *lengths):
         run_dir = (out / "grid" / layer / "topk-s0" if steps == LAYERS[layer]["steps"]
                    else length_dir(root, steps, seed))
@@ -352,19 +352,13 @@ def length(out: Path, layer: str, chosen: dict, only_steps: set[int] | None = No
             settings = r.settings()
             if settings["k"] == TUNE_K:
                 metrics = r.final_metrics()
-                rows.append({"steps": steps, "seed": seed, "reg": settings["reg"],
+                rows.append({"steps": steps, "seed": seed, "reg": settings["reg"], "checkpoint": str(r.checkpoint),
                              "val_dead_frac": metrics["val_dead_frac"], "val_fvu": metrics["val_fvu"]})
-                ckpts.append(r.checkpoint)
     # every length's models on the test images, MS with the independent encoder: do the grid's MS and purity
-    # gains (measured at the layer's short length) outlast longer training?
-    report = evaluate(ckpts, out / "test" / f"{layer}-length-lite2", out / "logs" / f"length-{layer}.log",
-                      store=out / "test.zarr", max_images=LAYERS[layer]["eval_images"],
-                      ms_embeddings=out / "lite2-test.zarr", full=False)
-    by_path = {Path(ck["path"]).resolve(): ck for ck in report["checkpoints"]}
-    for row, path in zip(rows, ckpts, strict=True):
-        ck = by_path[Path(path).resolve()]
-        row.update(test_fvu=ck["reconstruction"]["fvu"], test_dead_frac=ck["sparsity"]["dead_fraction"],
-                   test_ms_lite2=ck["monosemanticity"]["mean"], test_purity=ck["purity"]["top"]["mean"])
+    # gains (measured at the layer's short length) outlast longer training? (the summary reads the report)
+    evaluate([r["checkpoint"] for r in rows], out / "test" / f"{layer}-length-lite2",
+             out / "logs" / f"length-{layer}.log", store=out / "test.zarr", max_images=LAYERS[layer]["eval_images"],
+             ms_embeddings=out / "lite2-test.zarr", full=False)
     dest.write_text(json.dumps(rows, indent=1))
 
 

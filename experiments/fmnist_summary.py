@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from visionsae.evaluate.purity import MIN_FIRING_IMAGES  # noqa: E402
 
+REGS = ("none", "off", "ratio", "both")
 METHODS = ("topk/none", "topk/off", "topk/ratio", "topk/both", "softk", "batchtopk")
 LABELS = {"topk/none": "Top-k", "topk/off": "Top-k + off-support l1", "topk/ratio": "Top-k + l1/l2",
           "topk/both": "Top-k + both", "softk": "SoftSAE", "batchtopk": "BatchTopK"}
@@ -176,7 +177,7 @@ def matched_count_section(report: dict, ks: list[int]) -> list[str]:
 def reg_on_section(cells, lite2) -> list[str]:
     """The --reg-on ablation at k = 16: penalties on |z| (the default) against relu(z)."""
     rows = []
-    for reg in ("off", "ratio", "both"):
+    for reg in REGS[1:]:
         for on, m in ((r"\|z\|", f"topk/{reg}"), ("relu(z)", f"topk/{reg}/relu")):
             runs = cells.get((m, 16), [])
             if runs:
@@ -205,23 +206,29 @@ def independent_ms_section(cells, other, ks: list[int]) -> list[str]:
 
 
 def length_section(out: Path, layer: str) -> list[str]:
+    """Dead latents on the validation images against training length and, where the length stage evaluated the
+    same models on the test images, their MS (Lite2), purity and dead latents there."""
     path = out / "length" / layer / "dead_vs_steps.json"
     if not path.exists():
         return []
     rows = json.loads(path.read_text())
     columns = sorted({(r["steps"], r.get("seed", 0)) for r in rows})  # (steps, seed); tables before seeds: 0
     by = {(r["reg"], r["steps"], r.get("seed", 0)): r for r in rows}
-    body = [[reg, *[f"{100 * by[(reg, *c)]['val_dead_frac']:.1f}% ({by[(reg, *c)]['val_fvu']:.3f})"
-                    if (reg, *c) in by else "-" for c in columns]] for reg in ("none", "off", "ratio", "both")]
     header = ["regularizer", *[f"{n} steps" + (f", seed {seed}" if seed else "") for n, seed in columns]]
+
+    def body(cell) -> list[list[str]]:
+        return [[reg, *[cell(by[(reg, *c)]) if (reg, *c) in by else "-" for c in columns]] for reg in REGS]
     lines = ["**Dead latents on the validation images against training length, Top-k k = 16** (FVU in brackets; "
-             "each length a full run with its own schedule)", "", *table(header, body), ""]
-    if all("test_ms_lite2" in r for r in rows):
-        test_body = [[reg, *[f"{by[(reg, *c)]['test_ms_lite2']:.3f} / {by[(reg, *c)]['test_purity']:.3f} / "
-                             f"{100 * by[(reg, *c)]['test_dead_frac']:.1f}%" if (reg, *c) in by else "-"
-                             for c in columns]] for reg in ("none", "off", "ratio", "both")]
+             "each length a full run with its own schedule)", "",
+             *table(header, body(lambda r: f"{100 * r['val_dead_frac']:.1f}% ({r['val_fvu']:.3f})")), ""]
+    report = out / "test" / f"{layer}-length-lite2" / "report.json"
+    if report.exists() and all("checkpoint" in r for r in rows):
+        test = {Path(ck["path"]).resolve(): metrics(ck) for ck in json.loads(report.read_text())["checkpoints"]}
+        for r in rows:
+            r["test"] = test[Path(r["checkpoint"]).resolve()]
         lines += ["**The same models on the test images: MS (EfficientNet-Lite2 embeddings) / top-50 purity / dead "
-                  "latents**", "", *table(header, test_body), ""]
+                  "latents**", "", *table(header, body(lambda r: f"{r['test']['ms']:.3f} / {r['test']['purity']:.3f}"
+                                                             f" / {r['test']['dead']:.1f}%")), ""]
     return lines
 
 

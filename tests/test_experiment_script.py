@@ -108,9 +108,19 @@ def test_length_table_has_a_column_per_length_and_seed(tmp_path):
     lines = summary.length_section(tmp_path, "embedding")
     assert lines[2] == "| regularizer | 300 steps | 3000 steps | 3000 steps, seed 1 |"
     assert lines[4] == "| none | 3.0% (0.200) | 30.0% (0.200) | 31.0% (0.200) |"
-    for r in rows:  # with the test-split evaluation: a second table, same columns
-        r.update(test_ms_lite2=0.7, test_purity=0.75, test_dead_frac=0.05)
+    # with the length stage's evaluation on the test images: a second table, same columns, read from its report
+    checkpoints = []
+    for i, r in enumerate(rows):
+        r["checkpoint"] = str(tmp_path / f"run{i}" / "ckpt.pt")
+        checkpoints.append({"path": r["checkpoint"], "reconstruction": {"fvu": 0.2},
+                            "sparsity": {"l0": 16.0, "dead_fraction": 0.05 + i / 1000, "l1_l2_ratio": 2.0},
+                            "monosemanticity": {"mean": 0.7, "n_latents": 100},
+                            "purity": {"top": {"mean": 0.75, "n_latents": 100}}, "k_sweep": {}, "probes": {}})
     (tmp_path / "length" / "embedding" / "dead_vs_steps.json").write_text(json.dumps(rows))
+    assert len(summary.length_section(tmp_path, "embedding")) == 9  # no report yet: one table
+    (tmp_path / "test" / "embedding-length-lite2").mkdir(parents=True)
+    (tmp_path / "test" / "embedding-length-lite2" / "report.json").write_text(
+        json.dumps({"checkpoints": checkpoints[::-1]}))  # matched by path, not by order
     lines = summary.length_section(tmp_path, "embedding")
     assert lines[11] == "| regularizer | 300 steps | 3000 steps | 3000 steps, seed 1 |"
-    assert lines[13] == "| none | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.0% |"
+    assert lines[13] == "| none | 0.700 / 0.750 / 5.0% | 0.700 / 0.750 / 5.4% | 0.700 / 0.750 / 5.8% |"
