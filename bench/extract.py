@@ -30,8 +30,8 @@ import torch
 
 from visionsae.extract import ExtractConfig
 from visionsae.extract.pipeline import build_plan, forward, make_loader, run_plan, shard_batches
-from visionsae.store.layout import torch_dtype
 from visionsae.store import StoreWriter
+from visionsae.store.layout import torch_dtype
 
 
 def bare_pass(plan, cfg) -> float:

@@ -89,7 +89,8 @@ class StoreWriter:
 
     @classmethod
     def _reopen(cls, path: Path, spec: StoreSpec) -> "StoreWriter":
-        return cls(path, spec, _backend(spec.format).reopen(path, spec, lambda attrs: _check_resume_attrs(path, spec, attrs)))
+        check = lambda attrs: _check_resume_attrs(path, spec, attrs)  # noqa: E731
+        return cls(path, spec, _backend(spec.format).reopen(path, spec, check))
 
     def shard_slots(self, shard: int) -> tuple[int, int]:
         return self.spec.shard_slots(shard)
