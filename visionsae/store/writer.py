@@ -10,6 +10,7 @@ interface of ``store.backend``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -89,7 +90,7 @@ class StoreWriter:
 
     @classmethod
     def _reopen(cls, path: Path, spec: StoreSpec) -> "StoreWriter":
-        check = lambda attrs: _check_resume_attrs(path, spec, attrs)  # noqa: E731
+        check = functools.partial(_check_resume_attrs, path, spec)  # (attrs) -> None, raises on a mismatch
         return cls(path, spec, _backend(spec.format).reopen(path, spec, check))
 
     def shard_slots(self, shard: int) -> tuple[int, int]:
